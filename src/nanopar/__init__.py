@@ -1,0 +1,16 @@
+"""nanopar: parallel training from scratch, checked against PyTorch.
+
+The package behind the book "Parallel Training of Large Models". Each module is one
+concern and names the chapter that explains it:
+
+* ``devices``  hardware tiers and stage placement (Setting up; chapter 4.2)
+* ``launch``   run a function on N ranks and get their results back (chapter 2)
+* ``comm``     collectives helpers and a ring all-reduce from send/recv (chapter 2)
+* ``cost``     memory and compute models of training (chapter 1)
+* ``bench``    benchmarks behind ``python -m nanopar bench …``
+* ``plotting`` the book's figures
+"""
+from . import devices
+
+__version__ = "0.1.0"
+__all__ = ["devices", "__version__"]

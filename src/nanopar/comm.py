@@ -1,0 +1,141 @@
+"""Collectives: the primer of chapter 2, and a ring all-reduce built from send/recv.
+
+Book: chapter 2 ("Core concepts"), notebooks ``collectives`` and ``ring_allreduce``.
+
+The ring all-reduce is the bandwidth-optimal algorithm that NCCL, Horovod and gloo use
+for large messages (Patarasuk and Yuan, 2009). With N ranks and a message of S bytes cut
+into N chunks, it runs N−1 steps of *reduce-scatter* (each rank sends one chunk to its
+right neighbour and adds the chunk arriving from its left), after which rank r owns the
+full sum of chunk (r+1) mod N, then N−1 steps of *all-gather* that pass the finished
+chunks around. Each rank sends 2(N−1)/N · S bytes in all, whatever N is.
+
+    # all ranks, inside a worker started by nanopar.launch.run
+    ring_all_reduce(t)         # t now holds the sum over ranks, like dist.all_reduce(t)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .launch import RankContext
+
+# torch 2.14 renamed the tensor-in, tensor-out collectives and warns on the old names;
+# Colab's older torch only has the old ones. One place decides which to call.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_single(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """Concatenate every rank's ``input`` into ``output`` (N × input's numel), on every rank."""
+    _all_gather_single(output, input, group=group)
+
+
+def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """Sum ``input`` over ranks and leave chunk r of the sum in rank r's ``output``."""
+    _reduce_scatter_single(output, input, group=group)
+
+
+def ring_chunks(numel: int, world_size: int) -> list[tuple[int, int]]:
+    """(start, length) of the N chunks the ring cuts a flat tensor into; sizes differ by ≤ 1."""
+    if world_size < 1 or numel < 0:
+        raise ValueError(f"need world_size >= 1 and numel >= 0, got {world_size}, {numel}")
+    base, extra = divmod(numel, world_size)
+    sizes = [base + (i < extra) for i in range(world_size)]
+    starts = [sum(sizes[:i]) for i in range(world_size)]
+    return list(zip(starts, sizes))
+
+
+def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place with a ring of send/recv; returns it.
+
+    Works for any size, including sizes that do not divide by the world size (the
+    chunks then differ by one element) and tensors smaller than the world size.
+    Book: chapter 2, notebook ``ring_allreduce``.
+    """
+    n = dist.get_world_size(group)
+    if n == 1:
+        return tensor
+    if not tensor.is_contiguous():
+        raise ValueError("ring_all_reduce needs a contiguous tensor (call .contiguous() first)")
+    r = dist.get_rank(group)
+    right, left = _global(group, (r + 1) % n), _global(group, (r - 1) % n)
+    flat = tensor.view(-1)
+    chunks = [flat.narrow(0, s, k) for s, k in ring_chunks(flat.numel(), n)]
+    inbox = torch.empty(max(c.numel() for c in chunks), dtype=tensor.dtype, device=tensor.device)
+
+    # Reduce-scatter: at step s, send chunk (r − s) and add the incoming chunk (r − s − 1).
+    for s in range(n - 1):
+        out, inc = chunks[(r - s) % n], chunks[(r - s - 1) % n]
+        _exchange(out, inbox[: inc.numel()], right, left, group)
+        inc.add_(inbox[: inc.numel()])
+    # Now chunk (r + 1) holds the full sum. All-gather: pass finished chunks along.
+    for s in range(n - 1):
+        out, inc = chunks[(r + 1 - s) % n], chunks[(r - s) % n]
+        _exchange(out, inc, right, left, group)
+    return tensor
+
+
+def _global(group, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, to: int, frm: int, group) -> None:
+    # Post both at once: with blocking send then recv, every rank would wait in send.
+    ops = [dist.P2POp(dist.isend, send, to, group), dist.P2POp(dist.irecv, recv, frm, group)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def collectives_primer(ctx: RankContext) -> dict[str, dict[str, list[float]]]:
+    """Worker: run each collective on small tensors; return what this rank held before and after.
+
+    Rank r starts with ``[r + 1] * world_size`` style tensors so that every result can be
+    checked by hand. Book: chapter 2, notebook ``collectives``.
+    """
+    r, n = ctx.rank, ctx.world_size
+    seen: dict[str, dict[str, list[float]]] = {}
+
+    def mine() -> torch.Tensor:  # rank r holds (r+1)·10 + i in slot i
+        return torch.arange(n, dtype=torch.float32) + 10.0 * (r + 1)
+
+    t = mine() if r == 0 else torch.zeros(n)
+    before = t.tolist()
+    dist.broadcast(t, src=0)
+    seen["broadcast"] = {"before": before, "after": t.tolist()}
+
+    t = mine()
+    before = t.tolist()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    seen["all_reduce"] = {"before": before, "after": t.tolist()}
+
+    t = torch.tensor([10.0 * (r + 1)])
+    gathered = torch.empty(n)
+    all_gather_single(gathered, t)
+    seen["all_gather"] = {"before": t.tolist(), "after": gathered.tolist()}
+
+    t = mine()
+    part = torch.empty(1)
+    reduce_scatter_single(part, t)
+    seen["reduce_scatter"] = {"before": t.tolist(), "after": part.tolist()}
+
+    # send/recv: each rank passes its value to the right neighbour of a ring.
+    t = torch.tensor([10.0 * (r + 1)])
+    got = torch.empty(1)
+    _exchange(t, got, (r + 1) % n, (r - 1) % n, None)
+    seen["send_recv"] = {"before": t.tolist(), "after": got.tolist()}
+    return seen
+
+
+def ring_vs_all_reduce(ctx: RankContext, numel: int, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+    """Worker: reduce the same random tensor with our ring and with ``dist.all_reduce``.
+
+    Returns both results so that the caller can compare them (chapter 2 and tests).
+    """
+    g = torch.Generator().manual_seed(seed + ctx.rank)
+    x = torch.randn(numel, generator=g).to(getattr(torch, dtype))
+    ours, theirs = x.clone(), x.clone()
+    ring_all_reduce(ours)
+    dist.all_reduce(theirs)
+    return {"ring": ours, "all_reduce": theirs, "input": x}

@@ -1,0 +1,292 @@
+"""Memory and compute models of training (chapter 1).
+
+How many bytes the training state takes per parameter, how many FLOPs a training run
+needs (about 6·N·D), how long that takes on N devices, and a measured training step
+that checks the memory model against the tensors PyTorch really allocates.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .models import mlp
+
+PRECISIONS = ("fp32", "mixed")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+# State tensors per parameter that each optimizer keeps (momentum buffer; Adam's m and v).
+_OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+
+# NVIDIA A100 datasheet: dense bf16 tensor-core peak and the memory of the large model.
+A100_PEAK_FLOPS = 312e12
+A100_MEMORY_GIB = 80.0
+# Model FLOPs utilization (MFU) that well-tuned large runs reach: 30-50% is typical.
+DEFAULT_UTILIZATION = 0.4
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class BytesPerParam:
+    """Bytes of training state per parameter, by kind (chapter 1)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        """Weights + gradients + optimizer state."""
+        return self.weights + self.grads + self.optimizer
+
+
+def bytes_per_param(precision: str = "fp32", optimizer: str = "adam") -> BytesPerParam:
+    """Bytes per parameter of weights, gradients and optimizer state (chapter 1).
+
+    ``"fp32"`` keeps everything in 4-byte floats. ``"mixed"`` (Micikevicius et al. 2018)
+    keeps 2-byte fp16/bf16 weights and gradients for the forward and backward passes,
+    and the optimizer keeps an fp32 master copy of the weights plus its fp32 states, so
+    mixed-precision Adam takes 2 + 2 + (4 + 4 + 4) = 16 bytes, as in the ZeRO paper.
+    Activations come on top and are not counted.
+    """
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    states = 4 * _OPTIMIZER_STATES[optimizer]
+    if precision == "fp32":
+        return BytesPerParam(weights=4, grads=4, optimizer=states)
+    return BytesPerParam(weights=2, grads=2, optimizer=4 + states)
+
+
+def training_memory_bytes(n_params: float, precision: str = "fp32", optimizer: str = "adam") -> float:
+    """Bytes of training state (weights, gradients, optimizer) for a model, without activations (chapter 1)."""
+    _check_positive(n_params=n_params)
+    return n_params * bytes_per_param(precision, optimizer).total
+
+
+def training_flops(n_params: float, n_tokens: float) -> float:
+    """Floating-point operations to train ``n_params`` parameters on ``n_tokens`` tokens: 6·N·D (chapter 1).
+
+    Per token, the forward pass does one multiply and one add per weight (2N); the
+    backward pass does twice that (4N), because it computes gradients with respect to
+    both the activations and the weights. Attention over the context and recomputation
+    are left out; for large models they are small (Kaplan et al. 2020).
+    """
+    _check_positive(n_params=n_params, n_tokens=n_tokens)
+    return 6.0 * n_params * n_tokens
+
+
+def training_time_s(
+    flops: float,
+    devices: int = 1,
+    peak_flops_per_device: float = A100_PEAK_FLOPS,
+    utilization: float = DEFAULT_UTILIZATION,
+) -> float:
+    """Seconds to do ``flops`` on ``devices`` devices running at ``utilization`` of their peak (chapter 1).
+
+    Assumes the work divides perfectly among the devices: the rest of the book is about
+    how close parallel training gets to that.
+    """
+    _check_positive(flops=flops, devices=devices, peak_flops_per_device=peak_flops_per_device)
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization is a fraction of peak in (0, 1], got {utilization}")
+    return flops / (devices * peak_flops_per_device * utilization)
+
+
+def gib(n_bytes: float) -> float:
+    """Bytes in GiB (2**30 bytes), the unit GPU memory is quoted in (chapter 1)."""
+    return n_bytes / 2**30
+
+
+def days(seconds: float) -> float:
+    """Seconds in days (chapter 1)."""
+    return seconds / 86400
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A published model: parameters, training tokens and where the figures come from."""
+
+    name: str
+    params: float
+    tokens: float
+    source: str
+
+
+# Published sizes and training tokens, as the papers name them.
+REFERENCE_MODELS = (
+    # Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (300B tokens for all sizes).
+    ReferenceModel("GPT-3 XL 1.3B", 1.3e9, 300e9, "Brown et al. 2020"),
+    # Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models", Table 1.
+    ReferenceModel("Llama 2 7B", 7e9, 2e12, "Touvron et al. 2023"),
+    # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", Table 1.
+    ReferenceModel("Chinchilla 70B", 70e9, 1.4e12, "Hoffmann et al. 2022"),
+    ReferenceModel("Llama 2 70B", 70e9, 2e12, "Touvron et al. 2023"),
+    ReferenceModel("GPT-3 175B", 175e9, 300e9, "Brown et al. 2020"),
+)
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """One model's training cost: state memory per precision, FLOPs, days per device count (chapter 1)."""
+
+    model: str
+    params: float
+    tokens: float
+    memory_gib: dict[str, float]
+    flops: float
+    days: dict[int, float]
+
+
+def reference_table(
+    devices: tuple[int, ...] = (1, 1024),
+    optimizer: str = "adam",
+    peak_flops_per_device: float = A100_PEAK_FLOPS,
+    utilization: float = DEFAULT_UTILIZATION,
+) -> list[CostRow]:
+    """Training cost of the :data:`REFERENCE_MODELS`, activations not counted (chapter 1)."""
+    rows = []
+    for m in REFERENCE_MODELS:
+        flops = training_flops(m.params, m.tokens)
+        rows.append(CostRow(
+            model=m.name,
+            params=m.params,
+            tokens=m.tokens,
+            memory_gib={p: gib(training_memory_bytes(m.params, p, optimizer)) for p in PRECISIONS},
+            flops=flops,
+            days={n: days(training_time_s(flops, n, peak_flops_per_device, utilization)) for n in devices},
+        ))
+    return rows
+
+
+def _count(x: float) -> str:
+    return f"{x / 1e12:g}T" if x >= 1e12 else f"{x / 1e9:g}B"
+
+
+def format_table(rows: list[CostRow]) -> str:
+    """The rows of :func:`reference_table` as a text table (chapter 1)."""
+    counts = list(rows[0].days)
+    header = f"{'model':<16}{'params':>8}{'tokens':>8}" + "".join(f"{p + ' GiB':>11}" for p in PRECISIONS)
+    header += f"{'FLOPs':>10}" + "".join(f"{f'days on {n}':>14}" for n in counts)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = f"{r.model:<16}{_count(r.params):>8}{_count(r.tokens):>8}"
+        line += "".join(f"{r.memory_gib[p]:>11,.0f}" for p in PRECISIONS)
+        line += f"{r.flops:>10.1e}" + "".join(f"{r.days[n]:>14,.1f}" for n in counts)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def describe_training(
+    params_billion: float = 7.0,
+    tokens_trillion: float = 1.0,
+    precision: str = "mixed",
+    optimizer: str = "adam",
+    devices: int = 8,
+    utilization: float = DEFAULT_UTILIZATION,
+    peak_tflops: float = A100_PEAK_FLOPS / 1e12,
+    device_memory_gib: float = A100_MEMORY_GIB,
+) -> str:
+    """What training a model costs, in words: the calculator of chapter 1.
+
+    Memory is the training state without activations, either replicated on every device
+    (plain data parallelism) or sharded evenly across them (ZeRO stage 3, FSDP).
+    """
+    n, d = params_billion * 1e9, tokens_trillion * 1e12
+    per_param = bytes_per_param(precision, optimizer)
+    state = gib(training_memory_bytes(n, precision, optimizer))
+    flops = training_flops(n, d)
+    seconds = training_time_s(flops, devices, peak_tflops * 1e12, utilization)
+    fits = {True: "fits", False: "does not fit"}
+    return "\n".join([
+        f"{params_billion:g}B parameters, {tokens_trillion:g}T tokens, {precision} precision, {optimizer}: "
+        f"{per_param.total} bytes per parameter",
+        f"training state without activations: {state:,.1f} GiB",
+        f"  replicated on each device (data parallel): {state:,.1f} GiB per device, "
+        f"{fits[state <= device_memory_gib]} in {device_memory_gib:g} GiB",
+        f"  sharded over {devices} devices (ZeRO-3 / FSDP): {state / devices:,.1f} GiB per device, "
+        f"{fits[state / devices <= device_memory_gib]} in {device_memory_gib:g} GiB",
+        f"compute: 6 x params x tokens = {flops:.2e} FLOPs",
+        f"time on {devices} devices at {peak_tflops:g} TFLOP/s peak and {utilization:.0%} utilization: "
+        f"{days(seconds):,.1f} days",
+    ])
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """Measured training state and speed of one model (chapter 1)."""
+
+    width: int
+    depth: int
+    batch: int
+    optimizer: str
+    params: int
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    # Optimizer state that is not per parameter, e.g. Adam's scalar step counter per tensor.
+    bookkeeping_bytes: int
+    step_s: float
+    flops_per_s: float
+
+    @property
+    def state_bytes(self) -> int:
+        """Weights + gradients + per-parameter optimizer state, comparable with the formula."""
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+def measure_training_step(
+    width: int, depth: int, batch: int, steps: int = 5, optimizer: str = "adam"
+) -> StepMeasurement:
+    """Train an fp32 :func:`~nanopar.models.mlp` for a few steps on random data and measure it (chapter 1).
+
+    Bytes are summed from the tensors themselves (parameters, their ``.grad``, the
+    optimizer's state), so they can be checked against :func:`bytes_per_param`. The step
+    time is the median over ``steps`` steps after one untimed warm-up step; achieved
+    FLOP/s counts 6 · params · batch per step. Runs in this process with torch's
+    current thread count.
+    """
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_positive(batch=batch, steps=steps)
+    model = mlp(width, depth)
+    params = list(model.parameters())
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=1e-3)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9 if optimizer == "momentum" else 0.0)
+    x, y = torch.randn(batch, width), torch.randn(batch, width)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    # The first step allocates gradients and optimizer state, so it is not timed.
+    step_s = statistics.median(times[1:])
+
+    state = [(t, p) for p in params for t in opt.state.get(p, {}).values() if torch.is_tensor(t)]
+    n_params = sum(p.numel() for p in params)
+    return StepMeasurement(
+        width=width,
+        depth=depth,
+        batch=batch,
+        optimizer=optimizer,
+        params=n_params,
+        weight_bytes=sum(p.nbytes for p in params),
+        grad_bytes=sum(p.grad.nbytes for p in params),
+        optimizer_bytes=sum(t.nbytes for t, p in state if t.shape == p.shape),
+        bookkeeping_bytes=sum(t.nbytes for t, p in state if t.shape != p.shape),
+        step_s=step_s,
+        flops_per_s=6 * n_params * batch / step_s,
+    )

@@ -1,0 +1,58 @@
+"""nanopar.comm: the ring all-reduce equals dist.all_reduce; the primer's values by hand."""
+import pytest
+import torch
+
+from nanopar import comm
+from nanopar.launch import run
+
+SIZES = [1, 2, 3, 5, 7, 1000, 1001, 4097]  # includes sizes below and not divisible by N
+
+
+def ring_vs_all_reduce_many(ctx, sizes, dtype):
+    return [comm.ring_vs_all_reduce(ctx, n, dtype=dtype, seed=n) for n in sizes]
+
+
+def ring_on_non_contiguous(ctx):
+    comm.ring_all_reduce(torch.zeros(4, 4).t())
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ring_equals_all_reduce(world_size):
+    per_rank = run(ring_vs_all_reduce_many, world_size, SIZES, "float32")
+    for rank_results in per_rank:
+        for res in rank_results:
+            torch.testing.assert_close(res["ring"], res["all_reduce"])
+    # and both are the sum of the inputs of all ranks
+    for i in range(len(SIZES)):
+        total = sum(r[i]["input"] for r in per_rank)
+        torch.testing.assert_close(per_rank[0][i]["ring"], total)
+
+
+def test_ring_is_exact_on_integers():
+    for res in run(ring_vs_all_reduce_many, 3, [1, 10, 101], "int64")[1]:
+        assert torch.equal(res["ring"], res["all_reduce"])
+
+
+def test_ring_refuses_non_contiguous_tensors():
+    with pytest.raises(Exception, match="contiguous"):
+        run(ring_on_non_contiguous, 2, timeout=60)
+
+
+@pytest.mark.parametrize("numel, n", [(10, 3), (3, 4), (0, 2), (8, 4)])
+def test_ring_chunks_cover_the_tensor(numel, n):
+    chunks = comm.ring_chunks(numel, n)
+    assert len(chunks) == n and sum(k for _, k in chunks) == numel
+    assert max(k for _, k in chunks) - min(k for _, k in chunks) <= 1
+    assert all(s == sum(k for _, k in chunks[:i]) for i, (s, _) in enumerate(chunks))
+
+
+def test_primer_values_by_hand():
+    seen = run(comm.collectives_primer, 4)
+    mine = [[10.0 * (r + 1) + i for i in range(4)] for r in range(4)]
+    sums = [sum(col) for col in zip(*mine)]  # [100, 104, 108, 112]
+    for r, s in enumerate(seen):
+        assert s["broadcast"]["after"] == mine[0]
+        assert s["all_reduce"]["after"] == sums
+        assert s["all_gather"]["after"] == [10.0, 20.0, 30.0, 40.0]
+        assert s["reduce_scatter"]["after"] == [sums[r]]
+        assert s["send_recv"]["after"] == [10.0 * ((r - 1) % 4 + 1)]
