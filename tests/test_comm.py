@@ -56,3 +56,18 @@ def test_primer_values_by_hand():
         assert s["all_gather"]["after"] == [10.0, 20.0, 30.0, 40.0]
         assert s["reduce_scatter"]["after"] == [sums[r]]
         assert s["send_recv"]["after"] == [10.0 * ((r - 1) % 4 + 1)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_ring_schedule_sums_every_chunk_on_every_rank(n):
+    # Play the schedule with sets of contributions instead of tensors: after the
+    # reduce-scatter, rank r's chunk r+1 holds everyone's; after the all-gather, all do.
+    held = [[{r} for _ in range(n)] for r in range(n)]
+    for phase, step, send, recv in comm.ring_schedule(n):
+        sent = [set(held[r][(send + r) % n]) for r in range(n)]
+        for r in range(n):
+            incoming, c = sent[(r - 1) % n], (recv + r) % n
+            held[r][c] = held[r][c] | incoming if phase == "reduce-scatter" else incoming
+        if phase == "reduce-scatter" and step == n - 2:
+            assert all(held[r][(r + 1) % n] == set(range(n)) for r in range(n))
+    assert all(chunk == set(range(n)) for rank in held for chunk in rank)

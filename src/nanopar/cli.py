@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Sequence
 
 
@@ -25,7 +24,7 @@ def _info(args: argparse.Namespace) -> int:
 def _bench_collectives(args: argparse.Namespace) -> int:
     from . import bench
 
-    records = bench.bench_collectives(world_sizes=args.world_sizes, quick=args.quick)
+    records = bench.bench_collectives(world_sizes=args.world_sizes, sizes=args.sizes, quick=args.quick)
     _write(records, args)
     ratio = bench.ring_to_gloo_ratio(records, world_size=min(args.world_sizes))
     print(f"ring / gloo bus bandwidth, messages >= 4 MiB, {min(args.world_sizes)} ranks: {ratio:.2f}x")
@@ -56,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(dest="kind", required=True)
     coll = kinds.add_parser("collectives", help="all-reduce: gloo vs our ring vs a memory copy")
     coll.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about a minute on 2 cores)")
-    coll.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4], metavar="N")
+    coll.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4], metavar="N",
+                      help="numbers of ranks to measure (default: 2 4)")
+    coll.add_argument("--sizes", type=int, nargs="+", metavar="BYTES",
+                      help="message sizes in bytes, multiples of 4 (default: 1 KiB … 256 MiB, ×4 apart)")
     coll.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     coll.add_argument("--plot", metavar="PATH", help="also draw bus bandwidth against message size")
     coll.set_defaults(run=_bench_collectives)
@@ -64,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "world_sizes", None) and min(args.world_sizes) < 2:
-        print("error: collectives need world sizes of at least 2", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and args.kind == "collectives":
+        if min(args.world_sizes) < 2:
+            parser.error("collectives need world sizes of at least 2")
+        if args.sizes and any(s <= 0 or s % 4 for s in args.sizes):
+            parser.error("message sizes must be positive multiples of 4 bytes (float32 elements)")
     return args.run(args)

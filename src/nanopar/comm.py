@@ -47,6 +47,20 @@ def ring_chunks(numel: int, world_size: int) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
+def ring_schedule(world_size: int) -> list[tuple[str, int, int, int]]:
+    """The ring as data: ``(phase, step, send_chunk, recv_chunk)`` for rank 0.
+
+    Rank r sends and receives the chunks of rank 0 shifted by r (mod N). Reduce-scatter
+    step s: send chunk −s, add the incoming chunk −s−1; after N−1 steps rank r owns the
+    finished chunk r+1. All-gather step s: send chunk 1−s, store the incoming chunk −s.
+    ``ring_all_reduce`` runs exactly this list; chapter 2 prints it.
+    """
+    n = world_size
+    reduce = [("reduce-scatter", s, (-s) % n, (-s - 1) % n) for s in range(n - 1)]
+    gather = [("all-gather", s, (1 - s) % n, (-s) % n) for s in range(n - 1)]
+    return reduce + gather
+
+
 def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place with a ring of send/recv; returns it.
 
@@ -64,16 +78,13 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     flat = tensor.view(-1)
     chunks = [flat.narrow(0, s, k) for s, k in ring_chunks(flat.numel(), n)]
     inbox = torch.empty(max(c.numel() for c in chunks), dtype=tensor.dtype, device=tensor.device)
-
-    # Reduce-scatter: at step s, send chunk (r − s) and add the incoming chunk (r − s − 1).
-    for s in range(n - 1):
-        out, inc = chunks[(r - s) % n], chunks[(r - s - 1) % n]
-        _exchange(out, inbox[: inc.numel()], right, left, group)
-        inc.add_(inbox[: inc.numel()])
-    # Now chunk (r + 1) holds the full sum. All-gather: pass finished chunks along.
-    for s in range(n - 1):
-        out, inc = chunks[(r + 1 - s) % n], chunks[(r - s) % n]
-        _exchange(out, inc, right, left, group)
+    for phase, _, send, recv in ring_schedule(n):
+        out, inc = chunks[(send + r) % n], chunks[(recv + r) % n]
+        if phase == "reduce-scatter":
+            _exchange(out, inbox[: inc.numel()], right, left, group)
+            inc.add_(inbox[: inc.numel()])
+        else:  # all-gather: the incoming chunk is final, receive it in place
+            _exchange(out, inc, right, left, group)
     return tensor
 
 
@@ -139,3 +150,14 @@ def ring_vs_all_reduce(ctx: RankContext, numel: int, dtype: str = "float32", see
     ring_all_reduce(ours)
     dist.all_reduce(theirs)
     return {"ring": ours, "all_reduce": theirs, "input": x}
+
+
+def primer_table(seen: list[dict[str, dict[str, list[float]]]]) -> str:
+    """Text table of what each rank held before and after each collective (chapter 2)."""
+    fmt = lambda xs: "[" + ", ".join(f"{x:g}" for x in xs) + "]"  # noqa: E731
+    lines = []
+    for op in seen[0]:
+        lines.append(f"{op}")
+        for r, s in enumerate(seen):
+            lines.append(f"  rank {r}: {fmt(s[op]['before']):<22} -> {fmt(s[op]['after'])}")
+    return "\n".join(lines)

@@ -1,13 +1,14 @@
 """The book's figures, drawn from the records the benchmarks return.
 
-Book: chapter 2 (bandwidth). Each function returns the matplotlib Figure; pass ``path``
-to also save it (PNG or SVG, by suffix).
+Book: chapter 2 (bandwidth). Each function returns a matplotlib Figure, built without
+pyplot's global state (so a notebook shows it exactly once, as the cell's result);
+pass ``path`` to also save it (PNG or SVG, by suffix).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def _human_bytes(n: float) -> str:
@@ -20,7 +21,8 @@ def _human_bytes(n: float) -> str:
 
 def plot_bandwidth(records: Sequence[dict[str, Any]], path: str | None = None):
     """Bus bandwidth against message size, one line per (implementation, world size)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     series: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for r in records:
         series.setdefault((r["impl"], r["world_size"]), []).append((r["bytes"], r["busbw_gbps"]))
@@ -41,4 +43,39 @@ def plot_bandwidth(records: Sequence[dict[str, Any]], path: str | None = None):
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_parallelism_schemes(path: str | None = None):
+    """Data, model (pipeline) and hybrid parallelism on four devices (chapter 2)."""
+    from matplotlib.patches import Rectangle
+
+    layers, colors = 4, ["#4C72B0", "#55A868", "#C44E52", "#8172B2"]
+    fig = Figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 3)
+    titles = ["data parallelism:\nevery device holds the whole model,\neach a different quarter of the batch",
+              "model (pipeline) parallelism:\neach device holds some layers,\nactivations flow between them",
+              "hybrid (2 × 2):\ntwo pipelines of two stages,\neach taking half of the batch"]
+    # which layers and which batch shard each device d holds, per scheme
+    schemes = [
+        [(range(layers), f"batch ¼ #{d + 1}") for d in range(4)],
+        [([d], "whole batch") for d in range(4)],
+        [(range(2 * (d % 2), 2 * (d % 2) + 2), f"batch ½ #{d // 2 + 1}") for d in range(4)],
+    ]
+    for ax, title, scheme in zip(axes, titles, schemes):
+        for d, (held, data) in enumerate(scheme):
+            x = d * 1.2
+            ax.add_patch(Rectangle((x, 0), 1, layers + 0.6, fill=False, lw=1.5))
+            ax.text(x + 0.5, layers + 0.9, f"device {d}", ha="center", fontsize=8)
+            for layer in held:
+                ax.add_patch(Rectangle((x + 0.1, 0.3 + layer), 0.8, 0.8, color=colors[layer], alpha=0.85))
+                ax.text(x + 0.5, 0.7 + layer, f"L{layer + 1}", ha="center", va="center", color="white", fontsize=8)
+            ax.text(x + 0.5, -0.4, data, ha="center", fontsize=7)
+        ax.set_xlim(-0.2, 4.8)
+        ax.set_ylim(-0.9, layers + 1.4)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path)
     return fig

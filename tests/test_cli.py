@@ -1,0 +1,47 @@
+"""python -m nanopar: info and bench collectives write what the book promises."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanopar import bench, cli
+
+FIELDS = {"op", "impl", "world_size", "bytes", "seconds", "algbw_gbps", "busbw_gbps"}
+
+
+def test_info_prints_the_tier_and_versions():
+    out = subprocess.run([sys.executable, "-m", "nanopar", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("tier: ") and "torch" in out.stdout and "gloo" in out.stdout
+
+
+def test_bench_collectives_writes_records_and_a_plot(tmp_path, capsys):
+    path, plot = tmp_path / "out.json", tmp_path / "out.png"
+    assert cli.main(["bench", "collectives", "--world-sizes", "2", "--sizes", "4096", "4194304",
+                     "--json", str(path), "--plot", str(plot)]) == 0
+    records = json.loads(path.read_text())
+    assert plot.stat().st_size > 10_000
+    assert {(r["impl"], r["world_size"], r["bytes"]) for r in records} == {
+        (impl, n, b) for impl, n in (("memcpy", 1), ("gloo", 2), ("ring", 2)) for b in (4096, 4194304)}
+    for r in records:
+        assert FIELDS <= r.keys() and r["seconds"] > 0
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9)
+        n = r["world_size"]
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * (2 * (n - 1) / n if n > 1 else 1))
+    assert "ring / gloo bus bandwidth" in capsys.readouterr().out
+
+
+def test_bus_bandwidth_follows_nccl_tests():
+    assert bench.bus_bandwidth(1.0, 2) == 1.0
+    assert bench.bus_bandwidth(1.0, 4) == 1.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "collectives", "--world-sizes", "1"], "at least 2"),
+    (["bench", "collectives", "--sizes", "6"], "multiples of 4"),
+])
+def test_bad_bench_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
