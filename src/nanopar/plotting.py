@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import matplotlib.pyplot  # noqa: F401 — in a notebook, this installs the inline display of figures
 from matplotlib.figure import Figure
 
 
