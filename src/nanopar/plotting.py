@@ -1,15 +1,14 @@
 """The book's figures, drawn from the records the benchmarks return.
 
-Book: chapter 2 (bandwidth). Each function returns a matplotlib Figure, built without
-pyplot's global state (so a notebook shows it exactly once, as the cell's result);
-pass ``path`` to also save it (PNG or SVG, by suffix).
+Book: chapter 2 (bandwidth). Each function returns a matplotlib Figure that pyplot no
+longer tracks (so a notebook shows it exactly once, as the cell's result); pass
+``path`` to also save it (PNG or SVG, by suffix).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import matplotlib.pyplot  # noqa: F401 — in a notebook, this installs the inline display of figures
-from matplotlib.figure import Figure
+import matplotlib.pyplot as plt
 
 
 def _human_bytes(n: float) -> str:
@@ -20,10 +19,17 @@ def _human_bytes(n: float) -> str:
     return f"{n:g} TiB"
 
 
+def _finish(fig, path: str | None):
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)  # the caller displays or saves it; pyplot must not show it again
+    return fig
+
+
 def plot_bandwidth(records: Sequence[dict[str, Any]], path: str | None = None):
     """Bus bandwidth against message size, one line per (implementation, world size)."""
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
+    fig, ax = plt.subplots(figsize=(7, 4))
     series: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for r in records:
         series.setdefault((r["impl"], r["world_size"]), []).append((r["bytes"], r["busbw_gbps"]))
@@ -41,10 +47,7 @@ def plot_bandwidth(records: Sequence[dict[str, Any]], path: str | None = None):
     ax.set_title("All-reduce bus bandwidth: gloo vs our ring")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_parallelism_schemes(path: str | None = None):
@@ -52,8 +55,7 @@ def plot_parallelism_schemes(path: str | None = None):
     from matplotlib.patches import Rectangle
 
     layers, colors = 4, ["#4C72B0", "#55A868", "#C44E52", "#8172B2"]
-    fig = Figure(figsize=(11, 3.6))
-    axes = fig.subplots(1, 3)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     titles = ["data parallelism:\nevery device holds the whole model,\neach a different quarter of the batch",
               "model (pipeline) parallelism:\neach device holds some layers,\nactivations flow between them",
               "hybrid (2 × 2):\ntwo pipelines of two stages,\neach taking half of the batch"]
@@ -76,7 +78,4 @@ def plot_parallelism_schemes(path: str | None = None):
         ax.set_ylim(-0.9, layers + 1.4)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path)
-    return fig
+    return _finish(fig, path)
