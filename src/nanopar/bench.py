@@ -1,6 +1,6 @@
 """Benchmarks behind ``python -m nanopar bench …``: JSON records, compared as ratios.
 
-Book: chapter 2 (collectives). Later chapters add their benchmarks here.
+Book: chapter 2 (collectives), chapter 4.1 (data parallelism).
 
 Measuring on a small shared machine (DESIGN.md): every rank uses one thread; the
 implementations being compared alternate within one run (A B A B …) so that a slow
@@ -9,6 +9,7 @@ slowest rank's time, as nccl-tests does.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Sequence
@@ -17,8 +18,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import comm
+from . import comm, models
 from .launch import RankContext, run
+from .training import timed_steps
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES_FULL = [KiB << (2 * i) for i in range(10)]  # 1 KiB … 256 MiB, ×4 apart
@@ -122,3 +124,60 @@ def ring_to_gloo_ratio(records: list[dict[str, Any]], world_size: int = 2, min_b
     if not ratios:
         raise ValueError(f"no ring and gloo records at world size {world_size} with ≥ {min_bytes} bytes")
     return statistics.median(ratios)
+
+
+# Two workloads on one model: the same 4×1024 MLP (4.2 M parameters, 17 MB of fp32
+# gradients to all-reduce per step) with a large and a small per-rank batch. Compute
+# grows with the batch, communication does not, so t_comm / t_comp sets the scaling.
+DP_MODEL = "mlp-4x1024"
+DP_WORKLOADS = {"compute-bound": 1024, "communication-bound": 8}
+DP_IMPLS = ("naive", "bucketed", "ddp")
+
+
+def _dp_model():
+    return models.mlp(1024, 4, in_features=1024, out_features=10)
+
+
+def bench_dp(world_sizes: Sequence[int] = (1, 2, 4), quick: bool = False,
+             workloads: dict[str, int] | None = None, timeout: float = 1800.0) -> list[dict[str, Any]]:
+    """Throughput of one process, naive DP, bucketed DP and DDP (chapter 4.1).
+
+    Each world size is one launch in which every rank alternates the implementations
+    round by round; each step's time is the slowest rank's, and the median is reported.
+    """
+    workloads = workloads or DP_WORKLOADS
+    rounds, steps = (3, 2) if quick else (6, 4)
+    records: list[dict[str, Any]] = []
+    with tqdm(total=len(workloads) * len(world_sizes) * (rounds + 1), desc="bench dp", unit="round") as bar:
+        for workload, batch in workloads.items():
+            single = None
+            for n in sorted(world_sizes):
+                impls = (("single",) if n == 1 else ()) + DP_IMPLS
+                per_rank = run(timed_steps, n, _dp_model, batch, impls, rounds, steps, (1024,), 10,
+                               progress=bar, timeout=timeout)
+                for impl in impls:
+                    step = [max(ts) for ts in zip(*(p[impl]["step_s"] for p in per_rank))]
+                    comm = [max(ts) for ts in zip(*(p[impl]["comm_s"] for p in per_rank))]
+                    rec = {
+                        "impl": impl, "model": DP_MODEL, "workload": workload, "world_size": n,
+                        "per_rank_batch": batch, "step_s": statistics.median(step),
+                        "step_s_min": min(step), "step_s_max": max(step),
+                        "comm_s": None if impl in ("single", "ddp") else statistics.median(comm),
+                    }
+                    rec["samples_per_s"] = n * batch / rec["step_s"]
+                    if impl == "single":
+                        single = rec["samples_per_s"]
+                    records.append(rec)
+            if single is None:
+                raise ValueError("world_sizes must include 1: efficiency is measured against one process")
+            for rec in records:
+                if rec["workload"] == workload:
+                    rec["scaling_efficiency"] = rec["samples_per_s"] / (rec["world_size"] * single)
+    return records
+
+
+def dp_ratio(records: list[dict[str, Any]], workload: str, world_size: int, impl: str, over: str) -> float:
+    """Throughput of ``impl`` divided by that of ``over`` (e.g. bucketed / ddp)."""
+    rate = {r["impl"]: r["samples_per_s"] for r in records
+            if r["workload"] == workload and r["world_size"] == world_size}
+    return rate[impl] / rate[over]

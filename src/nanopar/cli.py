@@ -2,8 +2,9 @@
 
     python -m nanopar info
     python -m nanopar bench collectives --quick --json out.json --plot out.png
+    python -m nanopar bench dp --quick --json dp.json --plot dp.png
 
-Book: "Setting up" (info) and chapter 2 (bench collectives).
+Book: "Setting up" (info), chapter 2 (bench collectives), chapter 4.1 (bench dp).
 """
 from __future__ import annotations
 
@@ -31,7 +32,23 @@ def _bench_collectives(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(records: list[dict], args: argparse.Namespace) -> None:
+def _bench_dp(args: argparse.Namespace) -> int:
+    from . import bench
+
+    records = bench.bench_dp(world_sizes=args.world_sizes, quick=args.quick)
+    _write(records, args, "dp")
+    for rec in records:
+        comm = f"{rec['comm_s'] * 1e3:7.1f}" if rec["comm_s"] is not None else "      -"
+        print(f"{rec['workload']:<20} {rec['impl']:<9} N={rec['world_size']}  {rec['samples_per_s']:9.1f} samples/s"
+              f"  step {rec['step_s'] * 1e3:7.1f} ms  comm {comm} ms  efficiency {rec['scaling_efficiency']:.2f}")
+    if 2 in args.world_sizes:
+        for workload in bench.DP_WORKLOADS:
+            print(f"{workload}: bucketed / DDP throughput at 2 ranks: "
+                  f"{bench.dp_ratio(records, workload, 2, 'bucketed', 'ddp'):.2f}x")
+    return 0
+
+
+def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectives") -> None:
     text = json.dumps(records, indent=1)
     if args.json:
         with open(args.json, "w") as f:
@@ -42,7 +59,8 @@ def _write(records: list[dict], args: argparse.Namespace) -> None:
     if args.plot:
         from . import plotting
 
-        plotting.plot_bandwidth(records, path=args.plot)
+        draw = {"collectives": plotting.plot_bandwidth, "dp": plotting.plot_dp_scaling}[kind]
+        draw(records, path=args.plot)
         print(f"wrote the plot to {args.plot}")
 
 
@@ -62,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     coll.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     coll.add_argument("--plot", metavar="PATH", help="also draw bus bandwidth against message size")
     coll.set_defaults(run=_bench_collectives)
+
+    dp = kinds.add_parser("dp", help="data parallelism: one process, naive, bucketed and DDP")
+    dp.add_argument("--quick", action="store_true", help="fewer rounds (about two minutes on 2 cores)")
+    dp.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="N",
+                    help="numbers of ranks; must include 1, the reference (default: 1 2 4)")
+    dp.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
+    dp.add_argument("--plot", metavar="PATH", help="also draw throughput and efficiency against ranks")
+    dp.set_defaults(run=_bench_dp)
     return parser
 
 
@@ -73,4 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("collectives need world sizes of at least 2")
         if args.sizes and any(s <= 0 or s % 4 for s in args.sizes):
             parser.error("message sizes must be positive multiples of 4 bytes (float32 elements)")
+    if args.command == "bench" and args.kind == "dp" and (1 not in args.world_sizes or min(args.world_sizes) < 1):
+        parser.error("--world-sizes must include 1 (the one-process reference) and be at least 1")
     return args.run(args)

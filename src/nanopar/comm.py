@@ -37,6 +37,27 @@ def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group=None)
     _reduce_scatter_single(output, input, group=group)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    # y = Σ_ranks x, so ∂L/∂x on each rank is Σ_ranks ∂L/∂y: the backward is an all-reduce too.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over ranks that autograd can differentiate (synchronised BatchNorm, chapter 4.1)."""
+    return _AllReduceSum.apply(x, group)
+
+
 def ring_chunks(numel: int, world_size: int) -> list[tuple[int, int]]:
     """(start, length) of the N chunks the ring cuts a flat tensor into; sizes differ by ≤ 1."""
     if world_size < 1 or numel < 0:

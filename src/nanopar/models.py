@@ -35,3 +35,24 @@ def mlp(
             layers.append(nn.ReLU())
         layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
+
+
+def resnet50(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet50, the article's model (chapter 4). Needs ``torchvision``.
+
+    Unchanged from torchvision: it takes 224×224 images as in the article, and any size
+    from 32×32 up (on CPU the book uses small images; the layers are the same).
+    """
+    from torchvision.models import resnet50 as tv_resnet50
+
+    return tv_resnet50(num_classes=num_classes)
+
+
+def small_resnet(num_classes: int = 10, blocks: tuple[int, int, int, int] = (1, 1, 1, 1)) -> nn.Module:
+    """A ResNet with BatchNorm, small enough for tests on CPU (chapters 3.1 and 4.1).
+
+    torchvision's ResNet with basic blocks; ``(2, 2, 2, 2)`` is ResNet18.
+    """
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, list(blocks), num_classes=num_classes)

@@ -79,3 +79,43 @@ def plot_parallelism_schemes(path: str | None = None):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     return _finish(fig, path)
+
+
+def plot_dp_scaling(records: Sequence[dict[str, Any]], path: str | None = None):
+    """Data parallelism: throughput and scaling efficiency against ranks, per workload (chapter 4.1)."""
+    workloads = list(dict.fromkeys(r["workload"] for r in records))
+    fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 6.5), squeeze=False)
+    styles = {"single": "k*", "naive": "-o", "bucketed": "-s", "ddp": "--^"}
+    for col, workload in enumerate(workloads):
+        rows = [r for r in records if r["workload"] == workload]
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["world_size"], r["samples_per_s"], r["scaling_efficiency"]) for r in rows if r["impl"] == impl)
+            n, rate, eff = zip(*pts)
+            axes[0][col].plot(n, rate, styles.get(impl, "-"), label=impl)
+            axes[1][col].plot(n, eff, styles.get(impl, "-"), label=impl)
+        sizes = sorted({r["world_size"] for r in rows})
+        batch = rows[0]["per_rank_batch"]
+        axes[0][col].set_title(f"{workload} ({rows[0]['model']}, {batch} samples per rank)", fontsize=9)
+        axes[0][col].set_ylabel("samples / s")
+        axes[1][col].axhline(1.0, color="grey", lw=0.8, ls=":")
+        axes[1][col].set_ylabel("scaling efficiency")
+        axes[1][col].set_ylim(0, 1.15)
+        for ax in axes[:, col]:
+            ax.set_xticks(sizes)
+            ax.set_xlabel("ranks")
+            ax.grid(True, alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_losses(curves: dict[str, Sequence[float]], path: str | None = None, title: str = "training loss"):
+    """Loss against step, one line per run (chapter 4.1)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (label, losses), style in zip(curves.items(), ["-o", "--s", ":^", "-.v"]):
+        ax.plot(range(1, len(losses) + 1), losses, style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)

@@ -1,0 +1,221 @@
+"""Training loops shared by chapter 3.1, chapter 4.1, the tests and ``bench dp``.
+
+The same data, seed and configuration run two ways, so that the results can be
+compared: :func:`train_single` in one process on the whole global batch (the reference),
+and :func:`train_data_parallel`, a worker for ``nanopar.launch.run`` in which each rank
+trains on its shard with one of the data-parallel implementations:
+
+* ``"naive"`` / ``"bucketed"``: ours (``nanopar.data_parallel``);
+* ``"ddp"``: PyTorch's ``DistributedDataParallel``.
+
+Models are passed as *builders* (an importable function or a ``functools.partial`` of
+one), because each rank must build its own copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .data_parallel import BucketedDataParallel, NaiveDataParallel
+from .launch import RankContext
+from .sharding import split_batch
+from .sync_batchnorm import convert_sync_batchnorm
+
+IMPLS = ("naive", "bucketed", "ddp")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``global_batch`` samples per optimizer step, over all ranks;
+    with ``accumulate`` = k, each step is k micro-batches of ``global_batch / k``."""
+
+    steps: int = 3
+    global_batch: int = 16
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    accumulate: int = 1
+    impl: str = "bucketed"
+    bucket_mb: float = 25.0
+    sync_batchnorm: bool = False
+    find_unused_parameters: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.accumulate < 1 or self.global_batch % self.accumulate:
+            raise ValueError(f"accumulate={self.accumulate} must divide global_batch={self.global_batch}")
+
+
+def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """``build()`` under a fixed seed: the same weights in every process that calls it.
+
+    Use ``functools.partial(seeded, build)`` to hand ranks a builder of identical models.
+    """
+    torch.manual_seed(seed)
+    return build()
+
+
+def make_classification_data(samples: int, shape: tuple[int, ...], classes: int, seed: int = 0):
+    """Random inputs and labels: enough to check that parallel training is exact."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, *shape, generator=g), torch.randint(0, classes, (samples,), generator=g)
+
+
+def make_pattern_images(samples: int, classes: int, size: int = 32, noise: float = 1.0, seed: int = 0):
+    """Images that can be learned: each class is a fixed random pattern plus noise.
+
+    A stand-in for a real data set (none is downloaded here); a model that learns shows
+    a falling loss within a few dozen steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(classes, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (samples,), generator=g)
+    return patterns[y] + noise * torch.randn(samples, 3, size, size, generator=g), y
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr)
+
+
+def _global_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
+    if x.shape[0] < cfg.global_batch:
+        raise ValueError(f"the data has {x.shape[0]} samples, fewer than one global batch of {cfg.global_batch}")
+    per_epoch = x.shape[0] // cfg.global_batch
+    for step in range(cfg.steps):
+        i = step % per_epoch * cfg.global_batch
+        yield x[i: i + cfg.global_batch], y[i: i + cfg.global_batch]
+
+
+def _micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
+    return zip(x.chunk(k), y.chunk(k))
+
+
+def train_single(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
+    """The reference: one process, the whole global batch per step (chapter 3.1)."""
+    torch.manual_seed(cfg.seed)
+    model = build()
+    opt = _optimizer(cfg, model.parameters())
+    losses = []
+    for xb, yb in _global_batches(x, y, cfg):
+        opt.zero_grad()
+        total = 0.0
+        for xm, ym in _micro_batches(xb, yb, cfg.accumulate):
+            loss = F.cross_entropy(model(xm), ym) / cfg.accumulate
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        opt.step()
+    return {"state": model.state_dict(), "losses": losses}
+
+
+def wrap(model: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, Callable[[], None]]:
+    """The model wrapped for data parallelism, and what to call after backward."""
+    if cfg.sync_batchnorm:
+        model = convert_sync_batchnorm(model)
+    if cfg.impl == "ddp":
+        ddp = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_mb, find_unused_parameters=cfg.find_unused_parameters,
+                                      **_ddp_buffers_at_init_only())
+        return ddp, lambda: None  # DDP synchronises inside backward
+    cls = NaiveDataParallel if cfg.impl == "naive" else BucketedDataParallel
+    kwargs = {"bucket_mb": cfg.bucket_mb} if cfg.impl == "bucketed" else {}
+    dp = cls(model, find_unused_parameters=cfg.find_unused_parameters, **kwargs)
+    return dp, dp.sync_gradients
+
+
+def _ddp_buffers_at_init_only() -> dict[str, bool]:
+    # Like our wrappers: buffers (BatchNorm statistics) are synchronised once, at the
+    # start, then stay per rank. torch 2.14 renamed the option and warns on the old name.
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def train_data_parallel(ctx: RankContext, build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
+                        cfg: TrainConfig) -> dict[str, Any]:
+    """Worker: train on this rank's shard of every global batch; return the final state.
+
+    Each rank gets ``global_batch / N`` samples per step (split evenly, or an error).
+    The losses returned are this rank's; the global loss is their mean over ranks.
+    """
+    torch.manual_seed(cfg.seed + ctx.rank)  # deliberately different: the broadcast must fix it
+    model, sync = wrap(build().to(ctx.device), cfg)
+    opt = _optimizer(cfg, model.parameters())
+    losses = []
+    for xb, yb in _global_batches(x, y, cfg):
+        xr = split_batch(xb, ctx.rank, ctx.world_size).to(ctx.device)
+        yr = split_batch(yb, ctx.rank, ctx.world_size).to(ctx.device)
+        opt.zero_grad()
+        total = 0.0
+        micro = list(_micro_batches(xr, yr, cfg.accumulate))
+        for i, (xm, ym) in enumerate(micro):
+            last = i == len(micro) - 1
+            with (model.no_sync() if not last else contextlib.nullcontext()):
+                loss = F.cross_entropy(model(xm), ym) / cfg.accumulate
+                loss.backward()
+            total += loss.item()
+        sync()
+        losses.append(total)
+        opt.step()
+        ctx.tick()
+    inner = model.module
+    return {"state": {k: v.cpu() for k, v in inner.state_dict().items()}, "losses": losses}
+
+
+def averaged_gradients(ctx: RankContext, build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
+                       cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Worker: one backward on this rank's shard, then the gradient averaged over ranks."""
+    model, sync = wrap(build().to(ctx.device), replace(cfg, steps=1))
+    xr, yr = split_batch(x, ctx.rank, ctx.world_size), split_batch(y, ctx.rank, ctx.world_size)
+    F.cross_entropy(model(xr.to(ctx.device)), yr.to(ctx.device)).backward()
+    sync()
+    return {n: p.grad.cpu() for n, p in model.module.named_parameters()}
+
+
+def full_batch_gradients(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference gradient: one process, the whole batch (chapter 3.1)."""
+    model = build()
+    F.cross_entropy(model(x), y).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def timed_steps(ctx: RankContext, build: Callable[[], nn.Module], per_rank_batch: int, impls: tuple[str, ...],
+                rounds: int, steps: int, shape: tuple[int, ...], classes: int) -> dict[str, dict[str, list[float]]]:
+    """Worker for ``bench dp``: step and communication times of each implementation,
+    alternating implementations round by round (A B C A B C …) on the same machine."""
+    x, y = make_classification_data(per_rank_batch, shape, classes, seed=ctx.rank)
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    runs = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        model = build().to(ctx.device)
+        if impl == "single":
+            runs[impl] = (model, lambda: None, None)
+        else:
+            wrapped, sync = wrap(model, TrainConfig(impl=impl))
+            runs[impl] = (wrapped, sync, wrapped if impl != "ddp" else None)
+    out: dict[str, dict[str, list[float]]] = {impl: {"step_s": [], "comm_s": []} for impl in impls}
+    for r in range(rounds + 1):  # round 0 warms up
+        for impl, (model, sync, ours) in runs.items():
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            for _ in range(steps):
+                comm0 = ours.comm_seconds if ours else 0.0
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                sync()
+                opt.step()
+                if r:
+                    out[impl]["step_s"].append(time.perf_counter() - t0)
+                    out[impl]["comm_s"].append(ours.comm_seconds - comm0 if ours else float("nan"))
+        ctx.tick()
+    return out
