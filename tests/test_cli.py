@@ -45,3 +45,26 @@ def test_bad_bench_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+DP_FIELDS = {"impl", "model", "world_size", "per_rank_batch", "samples_per_s", "step_s", "comm_s", "scaling_efficiency"}
+
+
+def test_bench_dp_records(monkeypatch):
+    monkeypatch.setattr(bench, "DP_WORKLOADS", {"tiny": 4})  # same code path, seconds instead of minutes
+    records = bench.bench_dp(world_sizes=(1, 2), quick=True)
+    assert {(r["impl"], r["world_size"]) for r in records} == {
+        ("single", 1), *((impl, n) for impl in ("naive", "bucketed", "ddp") for n in (1, 2))}
+    single = next(r for r in records if r["impl"] == "single")
+    for r in records:
+        assert DP_FIELDS <= r.keys()
+        assert r["samples_per_s"] == pytest.approx(r["world_size"] * r["per_rank_batch"] / r["step_s"])
+        assert r["scaling_efficiency"] == pytest.approx(r["samples_per_s"] / (r["world_size"] * single["samples_per_s"]))
+        assert (r["comm_s"] is None) == (r["impl"] in ("single", "ddp"))
+    assert bench.dp_ratio(records, "tiny", 2, "bucketed", "ddp") > 0
+
+
+def test_bench_dp_needs_the_one_process_reference(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "dp", "--world-sizes", "2", "4"])
+    assert "must include 1" in capsys.readouterr().err

@@ -29,8 +29,8 @@ SIZES_QUICK = [4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
 
 def _iterations(nbytes: int, quick: bool) -> int:
     # Enough repeats for a stable median, without spending minutes on large messages.
-    n = 20 if nbytes <= MiB else 10 if nbytes <= 16 * MiB else 5
-    return max(3, n // 2) if quick else n
+    n = 40 if nbytes <= MiB else 20 if nbytes <= 16 * MiB else 10
+    return n // 2 if quick else n
 
 
 def bus_bandwidth(algbw: float, world_size: int) -> float:
@@ -139,14 +139,15 @@ def _dp_model():
 
 
 def bench_dp(world_sizes: Sequence[int] = (1, 2, 4), quick: bool = False,
-             workloads: dict[str, int] | None = None, timeout: float = 1800.0) -> list[dict[str, Any]]:
+             workloads: dict[str, int] | None = None, bucket_mb: float = 25.0,
+             timeout: float = 1800.0) -> list[dict[str, Any]]:
     """Throughput of one process, naive DP, bucketed DP and DDP (chapter 4.1).
 
     Each world size is one launch in which every rank alternates the implementations
     round by round; each step's time is the slowest rank's, and the median is reported.
     """
     workloads = workloads or DP_WORKLOADS
-    rounds, steps = (3, 2) if quick else (6, 4)
+    rounds, steps = (4, 3) if quick else (8, 5)
     records: list[dict[str, Any]] = []
     with tqdm(total=len(workloads) * len(world_sizes) * (rounds + 1), desc="bench dp", unit="round") as bar:
         for workload, batch in workloads.items():
@@ -154,12 +155,13 @@ def bench_dp(world_sizes: Sequence[int] = (1, 2, 4), quick: bool = False,
             for n in sorted(world_sizes):
                 impls = (("single",) if n == 1 else ()) + DP_IMPLS
                 per_rank = run(timed_steps, n, _dp_model, batch, impls, rounds, steps, (1024,), 10,
-                               progress=bar, timeout=timeout)
+                               bucket_mb, progress=bar, timeout=timeout)
                 for impl in impls:
                     step = [max(ts) for ts in zip(*(p[impl]["step_s"] for p in per_rank))]
                     comm = [max(ts) for ts in zip(*(p[impl]["comm_s"] for p in per_rank))]
                     rec = {
                         "impl": impl, "model": DP_MODEL, "workload": workload, "world_size": n,
+                        "bucket_mb": None if impl in ("single", "naive") else bucket_mb,
                         "per_rank_batch": batch, "step_s": statistics.median(step),
                         "step_s_min": min(step), "step_s_max": max(step),
                         "comm_s": None if impl in ("single", "ddp") else statistics.median(comm),

@@ -35,7 +35,7 @@ def _bench_collectives(args: argparse.Namespace) -> int:
 def _bench_dp(args: argparse.Namespace) -> int:
     from . import bench
 
-    records = bench.bench_dp(world_sizes=args.world_sizes, quick=args.quick)
+    records = bench.bench_dp(world_sizes=args.world_sizes, quick=args.quick, bucket_mb=args.bucket_mb)
     _write(records, args, "dp")
     for rec in records:
         comm = f"{rec['comm_s'] * 1e3:7.1f}" if rec["comm_s"] is not None else "      -"
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--quick", action="store_true", help="fewer rounds (about two minutes on 2 cores)")
     dp.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="N",
                     help="numbers of ranks; must include 1, the reference (default: 1 2 4)")
+    dp.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB",
+                    help="bucket size of our bucketed DP and of DDP (default: 25, DDP's default)")
     dp.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     dp.add_argument("--plot", metavar="PATH", help="also draw throughput and efficiency against ranks")
     dp.set_defaults(run=_bench_dp)
@@ -99,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("collectives need world sizes of at least 2")
         if args.sizes and any(s <= 0 or s % 4 for s in args.sizes):
             parser.error("message sizes must be positive multiples of 4 bytes (float32 elements)")
-    if args.command == "bench" and args.kind == "dp" and (1 not in args.world_sizes or min(args.world_sizes) < 1):
-        parser.error("--world-sizes must include 1 (the one-process reference) and be at least 1")
+    if args.command == "bench" and args.kind == "dp":
+        if 1 not in args.world_sizes or min(args.world_sizes) < 1:
+            parser.error("--world-sizes must include 1 (the one-process reference) and be at least 1")
+        if not args.bucket_mb > 0:
+            parser.error("--bucket-mb must be a positive number of megabytes")
     return args.run(args)

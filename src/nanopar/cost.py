@@ -115,24 +115,24 @@ def days(seconds: float) -> float:
 
 @dataclass(frozen=True)
 class ReferenceModel:
-    """A published model: parameters, training tokens and where the figures come from."""
+    """A published model: its parameters and training tokens (chapter 1)."""
 
     name: str
     params: float
     tokens: float
-    source: str
 
 
 # Published sizes and training tokens, as the papers name them.
+# GPT-3: Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (every size
+#   trained on 300B tokens). Llama 2: Touvron et al. 2023, "Llama 2: Open Foundation and
+#   Fine-Tuned Chat Models", Table 1. Chinchilla: Hoffmann et al. 2022, "Training
+#   Compute-Optimal Large Language Models", Table 1.
 REFERENCE_MODELS = (
-    # Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (300B tokens for all sizes).
-    ReferenceModel("GPT-3 XL 1.3B", 1.3e9, 300e9, "Brown et al. 2020"),
-    # Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models", Table 1.
-    ReferenceModel("Llama 2 7B", 7e9, 2e12, "Touvron et al. 2023"),
-    # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", Table 1.
-    ReferenceModel("Chinchilla 70B", 70e9, 1.4e12, "Hoffmann et al. 2022"),
-    ReferenceModel("Llama 2 70B", 70e9, 2e12, "Touvron et al. 2023"),
-    ReferenceModel("GPT-3 175B", 175e9, 300e9, "Brown et al. 2020"),
+    ReferenceModel("GPT-3 XL 1.3B", 1.3e9, 300e9),
+    ReferenceModel("Llama 2 7B", 7e9, 2e12),
+    ReferenceModel("Chinchilla 70B", 70e9, 1.4e12),
+    ReferenceModel("Llama 2 70B", 70e9, 2e12),
+    ReferenceModel("GPT-3 175B", 175e9, 300e9),
 )
 
 
@@ -236,7 +236,10 @@ class StepMeasurement:
     optimizer_bytes: int
     # Optimizer state that is not per parameter, e.g. Adam's scalar step counter per tensor.
     bookkeeping_bytes: int
+    # Median, fastest and slowest step: the range shows how noisy the machine was.
     step_s: float
+    step_s_min: float
+    step_s_max: float
     flops_per_s: float
 
     @property
@@ -252,9 +255,9 @@ def measure_training_step(
 
     Bytes are summed from the tensors themselves (parameters, their ``.grad``, the
     optimizer's state), so they can be checked against :func:`bytes_per_param`. The step
-    time is the median over ``steps`` steps after one untimed warm-up step; achieved
-    FLOP/s counts 6 · params · batch per step. Runs in this process with torch's
-    current thread count.
+    time is the median (and range) over ``steps`` steps after one untimed warm-up step;
+    achieved FLOP/s counts 6 · params · batch per median step. Runs in this process with
+    torch's current thread count; :func:`measure_growth` runs it in a clean rank.
     """
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_positive(batch=batch, steps=steps)
@@ -273,20 +276,31 @@ def measure_training_step(
         opt.step()
         times.append(time.perf_counter() - start)
     # The first step allocates gradients and optimizer state, so it is not timed.
-    step_s = statistics.median(times[1:])
-
+    times = times[1:]
+    step_s = statistics.median(times)
     state = [(t, p) for p in params for t in opt.state.get(p, {}).values() if torch.is_tensor(t)]
     n_params = sum(p.numel() for p in params)
     return StepMeasurement(
-        width=width,
-        depth=depth,
-        batch=batch,
-        optimizer=optimizer,
-        params=n_params,
+        width, depth, batch, optimizer, n_params,
         weight_bytes=sum(p.nbytes for p in params),
         grad_bytes=sum(p.grad.nbytes for p in params),
         optimizer_bytes=sum(t.nbytes for t, p in state if t.shape == p.shape),
         bookkeeping_bytes=sum(t.nbytes for t, p in state if t.shape != p.shape),
         step_s=step_s,
+        step_s_min=min(times),
+        step_s_max=max(times),
         flops_per_s=6 * n_params * batch / step_s,
     )
+
+
+def measure_growth(ctx, widths: list[int], depth: int, batch: int, steps: int = 5) -> list[StepMeasurement]:
+    """Worker: :func:`measure_training_step` for each width, in one single-thread rank (chapter 1).
+
+    Run it as ``launch.run(measure_growth, 1, …)``: a fresh process with one thread
+    times more steadily than a notebook kernel whose threads share the machine.
+    """
+    runs = []
+    for width in widths:
+        runs.append(measure_training_step(width, depth, batch, steps))
+        ctx.tick()
+    return runs

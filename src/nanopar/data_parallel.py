@@ -179,8 +179,8 @@ class BucketedDataParallel(_DataParallel):
             if self._ready[b] < len(self.buckets[b]):
                 return
             flat, offset = self._buffers[b], 0
-            for _, p in self.buckets[b]:
-                flat[offset: offset + p.numel()].copy_(p.grad.view(-1)).div_(self.world_size)
+            for _, p in self.buckets[b]:  # pack and pre-divide by N in one pass, as DDP does
+                torch.div(p.grad.view(-1), self.world_size, out=flat[offset: offset + p.numel()])
                 offset += p.numel()
             self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
 

@@ -119,3 +119,41 @@ def plot_losses(curves: dict[str, Sequence[float]], path: str | None = None, tit
     ax.grid(True, alpha=0.3)
     ax.legend()
     return _finish(fig, path)
+
+
+def plot_training_memory(rows, device_gib: float, path: str | None = None):
+    """Weights and training state of reference models against one device's memory (chapter 1)."""
+    from .cost import gib
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    positions = range(len(rows))
+    ax.bar([p - 0.2 for p in positions], [gib(2 * r.params) for r in rows], 0.4, label="weights only (bf16)")
+    ax.bar([p + 0.2 for p in positions], [r.memory_gib["mixed"] for r in rows], 0.4,
+           label="training state (mixed, Adam)")
+    ax.axhline(device_gib, color="black", linestyle="--", label=f"one A100 ({device_gib:g} GiB)")
+    ax.set_yscale("log")
+    ax.set_xticks(list(positions), [r.model for r in rows], rotation=20)
+    ax.set_ylabel("GiB (log scale)")
+    ax.set_title("Memory without activations")
+    ax.legend()
+    return _finish(fig, path)
+
+
+def plot_step_scaling(runs, path: str | None = None):
+    """Measured step time (median and range) and achieved FLOP/s against model size (chapter 1)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    params = [m.params for m in runs]
+    medians = [m.step_s for m in runs]
+    spread = [[m.step_s - m.step_s_min for m in runs], [m.step_s_max - m.step_s for m in runs]]
+    left.errorbar(params, medians, yerr=spread, fmt="o-", capsize=3, label="measured: median and range")
+    left.plot(params, [medians[-1] * p / params[-1] for p in params], ":", color="gray",
+              label="proportional to params")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("parameters")
+    left.set_ylabel("seconds per training step")
+    left.legend()
+    right.semilogx(params, [m.flops_per_s / 1e9 for m in runs], "o-")
+    right.set_xlabel("parameters")
+    right.set_ylabel("achieved GFLOP/s")
+    return _finish(fig, path)

@@ -189,7 +189,8 @@ def full_batch_gradients(build: Callable[[], nn.Module], x: torch.Tensor, y: tor
 
 
 def timed_steps(ctx: RankContext, build: Callable[[], nn.Module], per_rank_batch: int, impls: tuple[str, ...],
-                rounds: int, steps: int, shape: tuple[int, ...], classes: int) -> dict[str, dict[str, list[float]]]:
+                rounds: int, steps: int, shape: tuple[int, ...], classes: int,
+                bucket_mb: float = 25.0) -> dict[str, dict[str, list[float]]]:
     """Worker for ``bench dp``: step and communication times of each implementation,
     alternating implementations round by round (A B C A B C …) on the same machine."""
     x, y = make_classification_data(per_rank_batch, shape, classes, seed=ctx.rank)
@@ -201,7 +202,7 @@ def timed_steps(ctx: RankContext, build: Callable[[], nn.Module], per_rank_batch
         if impl == "single":
             runs[impl] = (model, lambda: None, None)
         else:
-            wrapped, sync = wrap(model, TrainConfig(impl=impl))
+            wrapped, sync = wrap(model, TrainConfig(impl=impl, bucket_mb=bucket_mb))
             runs[impl] = (wrapped, sync, wrapped if impl != "ddp" else None)
     out: dict[str, dict[str, list[float]]] = {impl: {"step_s": [], "comm_s": []} for impl in impls}
     for r in range(rounds + 1):  # round 0 warms up
