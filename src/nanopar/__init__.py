@@ -7,6 +7,12 @@ concern and names the chapter that explains it:
 * ``launch``   run a function on N ranks and get their results back (chapter 2)
 * ``comm``     collectives helpers and a ring all-reduce from send/recv (chapter 2)
 * ``cost``     memory and compute models of training (chapter 1)
+* ``models``   the models the chapters train, split and shard
+* ``data_parallel``, ``sharding``, ``sync_batchnorm``, ``training``
+               data parallelism from scratch, and the loops that check it (chapters 3.1, 4.1)
+* ``model_split``, ``schedules``, ``pipeline``
+               model parallelism: the article's split, pipeline schedules as data, and a
+               multi-process pipeline executor (chapters 3.2, 4.2)
 * ``bench``    benchmarks behind ``python -m nanopar bench …``
 * ``plotting`` the book's figures
 """

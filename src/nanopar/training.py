@@ -84,11 +84,13 @@ def make_pattern_images(samples: int, classes: int, size: int = 32, noise: float
     return patterns[y] + noise * torch.randn(samples, 3, size, size, generator=g), y
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimizer that ``cfg`` names, over ``params`` (one place, so every loop agrees)."""
     return torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr)
 
 
-def _global_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
+def global_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
+    """The ``cfg.steps`` global batches every loop trains on, cycling through the data in order."""
     if x.shape[0] < cfg.global_batch:
         raise ValueError(f"the data has {x.shape[0]} samples, fewer than one global batch of {cfg.global_batch}")
     per_epoch = x.shape[0] // cfg.global_batch
@@ -105,9 +107,9 @@ def train_single(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
     """The reference: one process, the whole global batch per step (chapter 3.1)."""
     torch.manual_seed(cfg.seed)
     model = build()
-    opt = _optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, model.parameters())
     losses = []
-    for xb, yb in _global_batches(x, y, cfg):
+    for xb, yb in global_batches(x, y, cfg):
         opt.zero_grad()
         total = 0.0
         for xm, ym in _micro_batches(xb, yb, cfg.accumulate):
@@ -149,9 +151,9 @@ def train_data_parallel(ctx: RankContext, build: Callable[[], nn.Module], x: tor
     """
     torch.manual_seed(cfg.seed + ctx.rank)  # deliberately different: the broadcast must fix it
     model, sync = wrap(build().to(ctx.device), cfg)
-    opt = _optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, model.parameters())
     losses = []
-    for xb, yb in _global_batches(x, y, cfg):
+    for xb, yb in global_batches(x, y, cfg):
         xr = split_batch(xb, ctx.rank, ctx.world_size).to(ctx.device)
         yr = split_batch(yb, ctx.rank, ctx.world_size).to(ctx.device)
         opt.zero_grad()
