@@ -1,0 +1,181 @@
+"""Pipeline schedules as data: which stage runs which micro-batch's forward or backward, when.
+
+Book: chapter 3.2 (the pipeline bubble) and chapter 4.2 (GPipe and 1F1B in practice).
+
+A schedule is a list of :class:`Op` ``(slot, stage, microbatch, kind)`` with ``kind``
+``"F"`` (forward) or ``"B"`` (backward), one time slot per op, every op taking one slot.
+The same list is run by ``nanopar.pipeline`` and drawn by the plotting code, so what is
+drawn is what runs. Three schedules, for ``p`` stages and ``m`` micro-batches:
+
+* :func:`naive`: one micro-batch at a time through every stage, forward then backward:
+  only one stage ever works (the article's two-GPU split is ``naive(2, 1)``);
+* :func:`gpipe`: all forwards, then all backwards (Huang et al., 2019); every stage
+  holds the activations of all ``m`` micro-batches at its peak;
+* :func:`one_f_one_b`: after a warm-up, each stage alternates one forward and one
+  backward (PipeDream-Flush, Narayanan et al., 2021); same bubble as GPipe, but stage
+  ``s`` holds at most ``p - s`` micro-batches.
+
+    >>> ops = gpipe(2, 3)
+    >>> validate(ops, 2, 3); bubble_fraction(2, 3)
+    0.25
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+
+class Op(NamedTuple):
+    """One unit of pipeline work: in time ``slot``, ``stage`` runs ``kind`` ("F"/"B") on ``microbatch``."""
+
+    slot: int
+    stage: int
+    microbatch: int
+    kind: str
+
+
+def _check_sizes(p: int, m: int) -> None:
+    if not isinstance(p, int) or p < 1:
+        raise ValueError(f"the number of stages must be a positive integer, got {p!r}")
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"the number of micro-batches must be a positive integer, got {m!r}")
+
+
+def _place(orders: list[list[tuple[str, int]]]) -> list[Op]:
+    """Give each stage's ops (in that stage's order) the earliest slot their inputs allow.
+
+    F(s, j) needs F(s-1, j) done; B(s, j) needs B(s+1, j) done (the last stage's B needs
+    its own F). Each stage does one op per slot. Only the per-stage *order* defines a
+    schedule; the slots follow from it, assuming every op takes the same time.
+    """
+    p = len(orders)
+    done: dict[tuple[str, int, int], int] = {}
+    nxt = [0] * p
+    free = [0] * p  # first slot in which each stage is idle
+    while any(nxt[s] < len(orders[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            if nxt[s] == len(orders[s]):
+                continue
+            kind, j = orders[s][nxt[s]]
+            dep = ("F", s - 1, j) if kind == "F" else ("B", s + 1, j) if s < p - 1 else ("F", s, j)
+            if kind == "F" and s == 0:
+                ready = 0
+            elif dep in done:
+                ready = done[dep] + 1
+            else:
+                continue
+            slot = max(ready, free[s])
+            done[(kind, s, j)] = slot
+            free[s] = slot + 1
+            nxt[s] += 1
+            progressed = True
+        if not progressed:  # an order that waits on itself: a bug in the schedule's definition
+            raise ValueError(f"the stage orders deadlock: {orders}")
+    return sorted((Op(slot, s, j, k) for (k, s, j), slot in done.items()), key=lambda o: (o.slot, o.stage))
+
+
+def naive(stages: int, microbatches: int = 1) -> list[Op]:
+    """One micro-batch at a time, all the way forward and back: no two stages ever overlap.
+
+    With one micro-batch this is the article's model-parallel ResNet50 (chapter 4.2).
+    """
+    _check_sizes(stages, microbatches)
+    ops = []
+    for j in range(microbatches):
+        base = 2 * stages * j
+        ops += [Op(base + s, s, j, "F") for s in range(stages)]
+        ops += [Op(base + stages + (stages - 1 - s), s, j, "B") for s in range(stages)]
+    return sorted(ops, key=lambda o: (o.slot, o.stage))
+
+
+def gpipe(p: int, m: int) -> list[Op]:
+    """GPipe: every stage runs all ``m`` forwards, then all ``m`` backwards (chapter 3.2)."""
+    _check_sizes(p, m)
+    return _place([[("F", j) for j in range(m)] + [("B", j) for j in range(m)] for _ in range(p)])
+
+
+def one_f_one_b(p: int, m: int) -> list[Op]:
+    """1F1B: stage ``s`` warms up with ``p - s - 1`` forwards, then alternates F and B (chapter 4.2).
+
+    A backward frees a micro-batch's activations as soon as possible, so stage ``s``
+    never holds more than ``p - s`` of them, however large ``m`` is.
+    """
+    _check_sizes(p, m)
+    orders = []
+    for s in range(p):
+        warmup = min(p - s - 1, m)
+        order = [("F", j) for j in range(warmup)]
+        for j in range(m - warmup):  # steady state: one forward, then the oldest backward
+            order += [("F", warmup + j), ("B", j)]
+        order += [("B", j) for j in range(m - warmup, m)]  # cool-down
+        orders.append(order)
+    return _place(orders)
+
+
+SCHEDULES: dict[str, Callable[[int, int], list[Op]]] = {"naive": naive, "gpipe": gpipe, "1f1b": one_f_one_b}
+
+
+def make(name: str, p: int, m: int) -> list[Op]:
+    """The schedule called ``name`` ("naive", "gpipe" or "1f1b") for ``p`` stages and ``m`` micro-batches."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](p, m)
+
+
+def validate(schedule: Sequence[Op], p: int, m: int) -> None:
+    """Raise ``ValueError`` unless ``schedule`` is a runnable pipeline schedule.
+
+    Every (stage, micro-batch) has exactly one F and one B, F before B; a micro-batch's
+    F runs on stage s before stage s+1, its B on stage s+1 before stage s; and a stage
+    runs at most one op per slot.
+    """
+    _check_sizes(p, m)
+    at: dict[tuple[str, int, int], int] = {}
+    busy: set[tuple[int, int]] = set()
+    for op in schedule:
+        if op.kind not in ("F", "B") or not 0 <= op.stage < p or not 0 <= op.microbatch < m or op.slot < 0:
+            raise ValueError(f"{op} is out of range for {p} stages and {m} micro-batches (kind must be 'F' or 'B')")
+        key = (op.kind, op.stage, op.microbatch)
+        if key in at:
+            raise ValueError(f"{op.kind} of micro-batch {op.microbatch} on stage {op.stage} appears twice")
+        if (op.stage, op.slot) in busy:
+            raise ValueError(f"stage {op.stage} has two ops in slot {op.slot}")
+        at[key] = op.slot
+        busy.add((op.stage, op.slot))
+    for s in range(p):
+        for j in range(m):
+            for kind in "FB":
+                if (kind, s, j) not in at:
+                    raise ValueError(f"{kind} of micro-batch {j} on stage {s} is missing")
+            if at["F", s, j] >= at["B", s, j]:
+                raise ValueError(f"micro-batch {j} on stage {s}: its backward must come after its forward")
+            if s + 1 < p and at["F", s, j] >= at["F", s + 1, j]:
+                raise ValueError(f"micro-batch {j}: forward on stage {s} must come before stage {s + 1}")
+            if s + 1 < p and at["B", s + 1, j] >= at["B", s, j]:
+                raise ValueError(f"micro-batch {j}: backward on stage {s + 1} must come before stage {s}")
+
+
+def stage_ops(schedule: Sequence[Op], stage: int) -> list[Op]:
+    """The ops one stage runs, in the order it runs them (what its rank executes)."""
+    return sorted((o for o in schedule if o.stage == stage), key=lambda o: o.slot)
+
+
+def bubble_fraction(p: int, m: int) -> float:
+    """Idle fraction of GPipe and 1F1B with equal op times: (p − 1) / (m + p − 1) (chapter 3.2)."""
+    _check_sizes(p, m)
+    return (p - 1) / (m + p - 1)
+
+
+def idle_fraction(schedule: Sequence[Op], p: int) -> float:
+    """Fraction of (stage × slot) cells with no op, counted on the schedule itself."""
+    slots = max(o.slot for o in schedule) + 1
+    return 1 - len(schedule) / (p * slots)
+
+
+def peak_in_flight(schedule: Sequence[Op], stage: int) -> int:
+    """Most micro-batches whose F ran on ``stage`` but whose B has not: activations it must keep."""
+    held = peak = 0
+    for op in stage_ops(schedule, stage):
+        held += 1 if op.kind == "F" else -1
+        peak = max(peak, held)
+    return peak

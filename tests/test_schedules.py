@@ -1,0 +1,90 @@
+"""Pipeline schedules as data (chapters 3.2 and 4.2): valid, the known bubble, the known memory."""
+import pytest
+
+from nanopar import schedules
+from nanopar.schedules import Op, bubble_fraction, gpipe, idle_fraction, naive, one_f_one_b, peak_in_flight, validate
+
+SIZES = [(1, 1), (1, 4), (2, 1), (2, 4), (3, 5), (4, 2), (4, 8), (8, 16)]
+
+
+@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
+@pytest.mark.parametrize("p, m", SIZES)
+def test_every_schedule_is_valid_and_complete(name, p, m):
+    ops = schedules.make(name, p, m)
+    validate(ops, p, m)
+    assert len(ops) == 2 * p * m
+    assert all(isinstance(o, Op) and o.kind in "FB" for o in ops)
+
+
+def test_gpipe_is_all_forwards_then_all_backwards():
+    for s in range(3):
+        kinds = "".join(o.kind for o in schedules.stage_ops(gpipe(3, 4), s))
+        assert kinds == "FFFFBBBB"
+    # The forward wave: stage s starts micro-batch j in slot s + j.
+    assert all(o.slot == o.stage + o.microbatch for o in gpipe(3, 4) if o.kind == "F")
+
+
+def test_one_f_one_b_warms_up_then_alternates():
+    order = lambda s: "".join(f"{o.kind}{o.microbatch}" for o in schedules.stage_ops(one_f_one_b(4, 6), s))  # noqa: E731
+    assert order(0) == "F0F1F2F3B0F4B1F5B2B3B4B5"
+    assert order(3) == "F0B0F1B1F2B2F3B3F4B4F5B5"
+
+
+def test_naive_never_overlaps_stages():
+    ops = naive(3, 2)
+    assert len({o.slot for o in ops}) == len(ops)  # one op in each slot: only one stage works
+    assert naive(2) == [Op(0, 0, 0, "F"), Op(1, 1, 0, "F"), Op(2, 1, 0, "B"), Op(3, 0, 0, "B")]
+
+
+@pytest.mark.parametrize("p, m", SIZES)
+def test_bubble_of_gpipe_and_1f1b_is_the_formula(p, m):
+    assert bubble_fraction(p, m) == pytest.approx((p - 1) / (m + p - 1))
+    for ops in (gpipe(p, m), one_f_one_b(p, m)):
+        assert idle_fraction(ops, p) == pytest.approx(bubble_fraction(p, m))
+    # the naive split keeps all but one stage idle, whatever m is
+    assert idle_fraction(naive(p, m), p) == pytest.approx(1 - 1 / p)
+
+
+@pytest.mark.parametrize("p, m", SIZES)
+def test_in_flight_micro_batches_gpipe_m_and_1f1b_at_most_p_minus_stage(p, m):
+    for s in range(p):
+        assert peak_in_flight(gpipe(p, m), s) == m
+        assert peak_in_flight(one_f_one_b(p, m), s) == min(p - s, m)
+        assert peak_in_flight(naive(p, m), s) == 1
+
+
+def test_more_micro_batches_shrink_the_bubble():
+    fractions = [bubble_fraction(4, m) for m in (1, 2, 4, 8, 16, 32)]
+    assert fractions == sorted(fractions, reverse=True) and fractions[0] == 0.75
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda ops: ops[1:], "missing"),
+    (lambda ops: ops + [ops[0]], "appears twice"),
+    (lambda ops: [o._replace(slot=9) if (o.kind, o.stage, o.microbatch) == ("F", 0, 0) else o for o in ops],
+     "backward must come after its forward"),
+    (lambda ops: [o._replace(slot=1) if (o.kind, o.stage, o.microbatch) == ("F", 0, 0) else o for o in ops],
+     "two ops in slot 1|before stage 1"),
+    (lambda ops: [o._replace(stage=5) if o.slot == 0 else o for o in ops], "out of range"),
+    (lambda ops: [o._replace(kind="X") if o.slot == 0 else o for o in ops], "kind must be"),
+])
+def test_validate_rejects_broken_schedules(broken, message):
+    with pytest.raises(ValueError, match=message):
+        validate(broken(naive(2, 1)), 2, 1)
+
+
+def test_backward_order_across_stages_is_checked():
+    ops = [Op(0, 0, 0, "F"), Op(1, 1, 0, "F"), Op(2, 0, 0, "B"), Op(3, 1, 0, "B")]
+    with pytest.raises(ValueError, match="backward on stage 1 must come before stage 0"):
+        validate(ops, 2, 1)
+
+
+@pytest.mark.parametrize("p, m", [(0, 1), (2, 0), (2, -1), (1.5, 2)])
+def test_sizes_must_be_positive_integers(p, m):
+    with pytest.raises(ValueError, match="positive integer"):
+        gpipe(p, m)
+
+
+def test_unknown_schedule_names_the_choices():
+    with pytest.raises(ValueError, match=r"choose one of \['1f1b', 'gpipe', 'naive'\]"):
+        schedules.make("zero-bubble", 2, 2)
