@@ -1,6 +1,6 @@
 """Benchmarks behind ``python -m nanopar bench …``: JSON records, compared as ratios.
 
-Book: chapter 2 (collectives), chapter 4.1 (data parallelism).
+Book: chapter 2 (collectives), chapter 4.1 (data parallelism), chapter 4.2 (pipelines).
 
 Measuring on a small shared machine (DESIGN.md): every rank uses one thread; the
 implementations being compared alternate within one run (A B A B …) so that a slow
@@ -10,17 +10,23 @@ slowest rank's time, as nccl-tests does.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+from unittest import mock
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import comm, models
+from . import comm, models, schedules
 from .launch import RankContext, run
-from .training import timed_steps
+from .model_split import even_split_points, split
+from .pipeline import check_microbatches, execute, measured_idle_fraction
+from .training import make_classification_data, seeded, timed_steps
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES_FULL = [KiB << (2 * i) for i in range(10)]  # 1 KiB … 256 MiB, ×4 apart
@@ -183,3 +189,135 @@ def dp_ratio(records: list[dict[str, Any]], workload: str, world_size: int, impl
     rate = {r["impl"]: r["samples_per_s"] for r in records
             if r["workload"] == workload and r["world_size"] == world_size}
     return rate[impl] / rate[over]
+
+
+# --- pipeline parallelism (chapter 4.2) ----------------------------------------------------
+# A stack of identical 3×3 convolutions: compute-dense (about 190 GFLOP/s on one thread of
+# our 2-core test machine, as fast per sample at 4 samples per micro-batch as at 128), so that pipelining can pay on
+# CPU ranks, and every stage gets as many blocks. The stem is a 1×1 convolution (3 → 64
+# channels): a 3×3 one over 3 channels runs slowly enough to make stage 0 about 10% slower.
+# Stem and head then cost a few % of a stage. Sizes are read when the bench starts.
+PIPE_BLOCKS, PIPE_CHANNELS, PIPE_SIZE, PIPE_BATCH, PIPE_CLASSES = 8, 64, 16, 128, 10
+PIPE_MICROBATCHES = (1, 2, 4, 8, 16)
+# glibc gives freed blocks back to the OS, so the next step page-faults them in again: a
+# whole-batch step took 25 000–40 000 faults per rank (10–20% of its time), micro-batched ones
+# almost none. That would credit pipelining with an allocator effect, so the ranks keep their
+# freed memory (as PyTorch's caching allocator does on GPUs). Children read these at start.
+_KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def pipe_model(blocks: int = 8, channels: int = 64, classes: int = 10) -> nn.Sequential:
+    """``blocks`` alike blocks, conv 3×3 + ReLU; the first also holds a 1×1 stem, the last the head (chapter 4.2)."""
+    seq = [nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()) for _ in range(blocks)]
+    seq[0].insert(0, nn.Conv2d(3, channels, 1))
+    seq[-1].extend([nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)])
+    return nn.Sequential(*seq)
+
+
+def pipeline_configs(p: int, microbatches: Sequence[int], single: bool = False) -> list[tuple[str, str, int]]:
+    """The ``(impl, schedule, m)`` measured at ``p`` stages; "naive" is the whole batch as one micro-batch."""
+    configs = [("single", "naive", 1)] if single else []
+    for impl in ("nanopar", "torch"):
+        configs.append((impl, "naive", 1))  # for torch: ScheduleGPipe with one micro-batch
+        configs += [(impl, "gpipe", m) for m in microbatches]
+        # torch's Schedule1F1B refuses fewer micro-batches than stages: those are skipped.
+        configs += [(impl, "1f1b", m) for m in microbatches if impl == "nanopar" or m >= p]
+    return configs
+
+
+def pipeline_timings(ctx: RankContext, build: Callable[[], nn.Module], boundaries: Sequence[int], batch: int,
+                     shape: tuple[int, ...], classes: int, configs: Sequence[tuple[str, str, int]],
+                     rounds: int) -> dict[tuple, dict]:
+    """Worker: each config's step time on this rank, configs alternating round by round (chapter 4.2).
+
+    A barrier precedes every step, so a step's time is the slowest rank's. "single" is the
+    unsplit model on rank 0 alone (one process, one thread) while the other ranks wait.
+    Our executor's op timings and peak activation bytes come back too.
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    p, first, last = ctx.world_size, ctx.rank == 0, ctx.rank == ctx.world_size - 1
+    x, y = make_classification_data(batch, shape, classes)
+    stage = split(seeded(build), boundaries)[ctx.rank]
+    whole = seeded(build) if first else None
+    runners = {}
+    for impl, name, m in configs:
+        if impl == "single":
+            step = (lambda: F.cross_entropy(whole(x), y).backward()) if first else (lambda: None)
+            runners[impl, name, m] = (whole, step)
+        elif impl == "nanopar":
+            ops = schedules.make(name, p, m)
+            runners[impl, name, m] = (stage, lambda ops=ops, m=m: execute(stage, ctx.rank, p, ops, x, y, m, ctx.device))
+        else:
+            cls = Schedule1F1B if name == "1f1b" else ScheduleGPipe
+            sched = cls(PipelineStage(stage, ctx.rank, p, ctx.device), m, loss_fn=F.cross_entropy)
+            args, kwargs = ((x,) if first else ()), ({"target": y} if last else {})
+            runners[impl, name, m] = (stage, lambda s=sched, a=args, k=kwargs: s.step(*a, **k))
+    out = {c: {"step_s": [], "timings": [], "peak_activation_bytes": None} for c in configs}
+    for r in range(rounds + 1):  # round 0 warms up (torch infers shapes, buffers get allocated)
+        for c, (module, step) in runners.items():
+            if module is not None:
+                module.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            res = step()
+            if r:
+                out[c]["step_s"].append(time.perf_counter() - t0)
+                if isinstance(res, dict):  # ours
+                    out[c]["timings"].append(res["timings"])
+                    out[c]["peak_activation_bytes"] = res["peak_activation_bytes"]
+            ctx.tick()
+    return out
+
+
+def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] = PIPE_MICROBATCHES,
+                   quick: bool = False, rounds: int | None = None, timeout: float = 1800.0) -> list[dict[str, Any]]:
+    """Naive split, GPipe and 1F1B, ours and ``torch.distributed.pipelining``, and one process (chapter 4.2).
+
+    One launch of CPU (gloo) ranks per stage count, configs alternating. ``speedup_vs_naive``
+    is over the same impl's naive split at the same stages; for "single" (measured in the
+    launch with the fewest stages) over our naive split there: > 1 means splitting cost time.
+    ``peak_activation_bytes`` is the largest stage's, ours only. The ranks keep freed memory
+    (see ``_KEEP_FREED_MEMORY``). More ranks than cores
+    (4 stages on 2 cores) share the cores: read those ratios with care.
+    """
+    stages, rounds = sorted(stages), rounds or (4 if quick else 8)
+    for m in microbatches:
+        check_microbatches(PIPE_BATCH, m)
+    build = functools.partial(pipe_model, PIPE_BLOCKS, PIPE_CHANNELS, PIPE_CLASSES)
+    plan = {p: pipeline_configs(p, microbatches, single=p == stages[0]) for p in stages}
+    records: list[dict[str, Any]] = []
+    with tqdm(total=sum(map(len, plan.values())) * (rounds + 1), desc="bench pipeline", unit="step") as bar:
+        for p, configs in plan.items():
+            with mock.patch.dict(os.environ, _KEEP_FREED_MEMORY):
+                per_rank = run(pipeline_timings, p, build, even_split_points(PIPE_BLOCKS, p), PIPE_BATCH,
+                               (3, PIPE_SIZE, PIPE_SIZE), PIPE_CLASSES, configs, rounds, backend="gloo",
+                               progress=bar, timeout=timeout)
+            for impl, name, m in configs:
+                res = [r[impl, name, m] for r in per_rank]
+                step = [max(ts) for ts in zip(*(r["step_s"] for r in res))]
+                ours = impl == "nanopar"
+                bubble = [measured_idle_fraction(list(t)) for t in zip(*(r["timings"] for r in res))]
+                records.append({
+                    "impl": impl, "schedule": name, "stages": 1 if impl == "single" else p, "microbatches": m,
+                    "global_batch": PIPE_BATCH, "cpu_cores": os.cpu_count(), "step_s": statistics.median(step),
+                    "step_s_min": min(step), "step_s_max": max(step), "rounds": len(step),
+                    "bubble_measured": statistics.median(bubble) if ours else None,
+                    "bubble_theory": 0.0 if impl == "single" else schedules.bubble_fraction(p, m),
+                    "speedup_theory": 1.0 if name == "naive" else p * m / (m + p - 1),
+                    "peak_activation_bytes": max(r["peak_activation_bytes"] for r in res) if ours else None})
+            naive = {r["impl"]: r["step_s"] for r in records[-len(configs):] if r["schedule"] == "naive"}
+            for rec in records[-len(configs):]:
+                rec["speedup_vs_naive"] = naive["nanopar" if rec["impl"] == "single" else rec["impl"]] / rec["step_s"]
+    return records
+
+
+def pipeline_headline(records: list[dict[str, Any]], stages: int = 2, m: int = 8) -> dict[str, float]:
+    """The issue's targets at ``stages`` and ``m``: speed-ups over naive, ours / torch step time, worst bubble error."""
+    at = {(r["impl"], r["schedule"], r["microbatches"]): r for r in records if r["stages"] == stages}
+    out = {f"{s}_speedup": at["nanopar", s, m]["speedup_vs_naive"] for s in ("gpipe", "1f1b")}
+    out.update({f"{s}_nanopar_over_torch": at["nanopar", s, m]["step_s"] / at["torch", s, m]["step_s"]
+                for s in ("gpipe", "1f1b") if ("torch", s, m) in at})
+    out["max_bubble_error"] = max(abs(r["bubble_measured"] - r["bubble_theory"])
+                                  for (impl, _, _), r in at.items() if impl == "nanopar")
+    return out

@@ -3,8 +3,10 @@
     python -m nanopar info
     python -m nanopar bench collectives --quick --json out.json --plot out.png
     python -m nanopar bench dp --quick --json dp.json --plot dp.png
+    python -m nanopar bench pipeline --quick --json pipe.json --plot pipe.png
 
-Book: "Setting up" (info), chapter 2 (bench collectives), chapter 4.1 (bench dp).
+Book: "Setting up" (info), chapter 2 (bench collectives), chapter 4.1 (bench dp),
+chapter 4.2 (bench pipeline).
 """
 from __future__ import annotations
 
@@ -48,6 +50,30 @@ def _bench_dp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from . import bench
+
+    records = bench.bench_pipeline(stages=args.stages, microbatches=args.microbatches, quick=args.quick)
+    _write(records, args, "pipeline")
+    for r in records:
+        bubble = "    -" if r["bubble_measured"] is None else f"{r['bubble_measured']:.3f}"
+        print(f"p={r['stages']} {r['impl']:<8} {r['schedule']:<6} m={r['microbatches']:<3}"
+              f" step {r['step_s'] * 1e3:7.1f} ms  x{r['speedup_vs_naive']:.2f} vs naive"
+              f" (theory x{r['speedup_theory']:.2f})"
+              f"  bubble {bubble} (theory {r['bubble_theory']:.3f})")
+    p = min(args.stages)
+    m = 8 if 8 in args.microbatches else max(args.microbatches)
+    head = bench.pipeline_headline(records, p, m)
+    print(f"{p} stages, m={m}: speed-up over the naive split: GPipe {head['gpipe_speedup']:.2f}x, "
+          f"1F1B {head['1f1b_speedup']:.2f}x (theory {p * m / (m + p - 1):.2f}x)")
+    for s in ("gpipe", "1f1b"):
+        if f"{s}_nanopar_over_torch" in head:
+            print(f"{p} stages, m={m}, {s}: nanopar / torch.distributed.pipelining step time: "
+                  f"{head[f'{s}_nanopar_over_torch']:.2f}")
+    print(f"{p} stages: largest |measured - theory| bubble (ours): {head['max_bubble_error']:.3f}")
+    return 0
+
+
 def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectives") -> None:
     text = json.dumps(records, indent=1)
     if args.json:
@@ -59,7 +85,8 @@ def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectiv
     if args.plot:
         from . import plotting
 
-        draw = {"collectives": plotting.plot_bandwidth, "dp": plotting.plot_dp_scaling}[kind]
+        draw = {"collectives": plotting.plot_bandwidth, "dp": plotting.plot_dp_scaling,
+                "pipeline": plotting.plot_pipeline_bench}[kind]
         draw(records, path=args.plot)
         print(f"wrote the plot to {args.plot}")
 
@@ -90,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     dp.add_argument("--plot", metavar="PATH", help="also draw throughput and efficiency against ranks")
     dp.set_defaults(run=_bench_dp)
+
+    pipe = kinds.add_parser("pipeline", help="pipelines: naive split, GPipe, 1F1B; ours, torch's, one process")
+    pipe.add_argument("--quick", action="store_true",
+                      help="2 stages only, fewer rounds (under a minute on 2 idle cores)")
+    pipe.add_argument("--stages", type=int, nargs="+", metavar="P",
+                      help="numbers of stages, each dividing the model's 8 blocks (default: 2 4; --quick: 2)")
+    pipe.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8, 16], metavar="M",
+                      help="micro-batch counts, each dividing the batch of 128 (default: 1 2 4 8 16)")
+    pipe.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
+    pipe.add_argument("--plot", metavar="PATH", help="also draw speed-up and bubble against micro-batches")
+    pipe.set_defaults(run=_bench_pipeline)
     return parser
 
 
@@ -106,4 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--world-sizes must include 1 (the one-process reference) and be at least 1")
         if not args.bucket_mb > 0:
             parser.error("--bucket-mb must be a positive number of megabytes")
+    if args.command == "bench" and args.kind == "pipeline":
+        from . import bench
+
+        args.stages = args.stages or ([2] if args.quick else [2, 4])
+        if any(p < 2 or bench.PIPE_BLOCKS % p for p in args.stages):
+            parser.error(f"--stages must be at least 2 and divide the model's {bench.PIPE_BLOCKS} blocks")
+        if any(m < 1 or bench.PIPE_BATCH % m for m in args.microbatches):
+            parser.error(f"--microbatches must be positive and divide the batch of {bench.PIPE_BATCH}")
     return args.run(args)

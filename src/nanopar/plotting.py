@@ -157,3 +157,97 @@ def plot_step_scaling(runs, path: str | None = None):
     right.set_xlabel("parameters")
     right.set_ylabel("achieved GFLOP/s")
     return _finish(fig, path)
+
+
+# --- pipelines (chapter 4.2): the planned schedule and the measured one, drawn alike ---------
+_OP_COLORS = {"F": "#4C72B0", "B": "#DD8452"}
+
+
+def _draw_ops(ax, boxes: Sequence[tuple[int, float, float, str, int]], stages: int, xlabel: str) -> None:
+    """Boxes ``(stage, start, width, kind, microbatch)``: stage 0 on top, labelled when there is room."""
+    from matplotlib.patches import Patch
+
+    span = max((start + width for _, start, width, _, _ in boxes), default=1.0)
+    for stage, start, width, kind, j in boxes:
+        ax.broken_barh([(start, width)], (stage - 0.4, 0.8), facecolors=_OP_COLORS[kind], edgecolors="white")
+        if width > span / 70:  # a number that does not fit its box would only add noise
+            ax.text(start + width / 2, stage, str(j), ha="center", va="center", color="white", fontsize=7)
+    ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
+    ax.set_ylim(stages - 0.5, -0.5)
+    ax.set_xlim(0, span)
+    ax.set_xlabel(xlabel)
+    ax.legend(handles=[Patch(color=c, label="forward" if k == "F" else "backward") for k, c in _OP_COLORS.items()],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="micro-batch #", title_fontsize=7)
+
+
+def plot_schedule(ops, p: int, m: int, title: str | None = None, path: str | None = None):
+    """A schedule as planned: one box per op, time slots on x, stages on y (chapters 3.2 and 4.2).
+
+    ``ops`` is a ``schedules`` list of ``Op``; every op takes one slot.
+    """
+    from .schedules import idle_fraction
+
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.22 * max(o.slot for o in ops)), 0.9 + 0.45 * p))
+    _draw_ops(ax, [(o.stage, o.slot, 1.0, o.kind, o.microbatch) for o in ops], p, "time slot")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title or f"{p} stages, {m} micro-batches: idle {idle_fraction(ops, p):.0%} of stage-time",
+                 fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_gantt(timings_per_rank, title: str | None = None, path: str | None = None):
+    """A step as measured: ``timings_per_rank[r]`` is rank r's list of ``pipeline.OpTiming`` (chapter 4.2).
+
+    Drawn like :func:`plot_schedule`, with milliseconds on x, so that plan and measurement sit side by side.
+    """
+    from .pipeline import measured_idle_fraction
+
+    p = len(timings_per_rank)
+    boxes = [(r, t.start * 1e3, (t.end - t.start) * 1e3, t.kind, t.microbatch)
+             for r, ts in enumerate(timings_per_rank) for t in ts]
+    n_ops = max(len(ts) for ts in timings_per_rank)
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.11 * n_ops * p / 2 + 0.2 * p), 0.9 + 0.45 * p))
+    _draw_ops(ax, boxes, p, "time since the step started (ms)")
+    ax.set_title(title or f"measured: idle {measured_idle_fraction(timings_per_rank):.0%} of stage-time", fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_pipeline_bench(records: Sequence[dict[str, Any]], path: str | None = None):
+    """``bench pipeline``: speed-up over the naive split and the bubble against micro-batches (chapter 4.2)."""
+    stages = sorted({r["stages"] for r in records if r["impl"] != "single"})
+    fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages), 7), squeeze=False)
+    styles = {("nanopar", "gpipe"): "-o", ("nanopar", "1f1b"): "-s",
+              ("torch", "gpipe"): "--^", ("torch", "1f1b"): "--v"}
+    for col, p in enumerate(stages):
+        top, bottom = axes[0][col], axes[1][col]
+        rows = [r for r in records if r["stages"] == p]
+        ms = sorted({r["microbatches"] for r in rows})
+        dense = [ms[0] + i * (ms[-1] - ms[0]) / 100 for i in range(101)]
+        top.plot(dense, [p * m / (m + p - 1) for m in dense], color="grey", lw=3, alpha=0.4,
+                 label=f"theory {p}m/(m+{p - 1})")
+        bottom.plot(dense, [(p - 1) / (m + p - 1) for m in dense], color="grey", lw=3, alpha=0.4,
+                    label=f"theory {p - 1}/(m+{p - 1})")
+        for (impl, sched), style in styles.items():
+            pts = sorted((r["microbatches"], r["speedup_vs_naive"], r["bubble_measured"]) for r in rows
+                         if (r["impl"], r["schedule"]) == (impl, sched))
+            if pts:
+                top.plot([q[0] for q in pts], [q[1] for q in pts], style, label=f"{impl} {sched}")
+                if pts[0][2] is not None:
+                    bottom.plot([q[0] for q in pts], [q[2] for q in pts], style, label=f"{impl} {sched} (measured)")
+        for single in (r for r in records if r["impl"] == "single" and col == 0):
+            top.axhline(single["speedup_vs_naive"], color="black", ls=":", lw=1, label="one process (unsplit)")
+        top.axhline(1.0, color="grey", lw=0.8)
+        cores = rows[0].get("cpu_cores") or p
+        shared = f" ({p} ranks share {cores} cores)" if p > cores else ""
+        top.set_title(f"{p} stages, batch {rows[0]['global_batch']}{shared}: speed-up over the naive split", fontsize=9)
+        top.set_ylabel("naive step time / step time")
+        bottom.set_title(f"{p} stages: the bubble, measured (ours) and in theory", fontsize=9)
+        bottom.set_ylabel("idle fraction of stage-time")
+        bottom.set_ylim(0, 1)
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ms, [str(m) for m in ms])
+            ax.set_xlabel("micro-batches m")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    return _finish(fig, path)

@@ -1,0 +1,119 @@
+"""python -m nanopar bench pipeline (chapter 4.2): the right records, the theory columns, the plots."""
+import json
+
+import matplotlib
+import pytest
+
+from nanopar import bench, cli, plotting, schedules
+from nanopar.pipeline import OpTiming
+
+FIELDS = {"impl", "schedule", "stages", "microbatches", "step_s", "step_s_min", "step_s_max", "speedup_vs_naive",
+          "bubble_measured", "bubble_theory", "speedup_theory", "peak_activation_bytes"}
+MS = (1, 2, 4)
+
+
+def tiny(mp):
+    # The same code path on a model small enough to take seconds (sizes are read at launch).
+    for name, value in {"PIPE_BLOCKS": 4, "PIPE_CHANNELS": 4, "PIPE_SIZE": 4, "PIPE_BATCH": 8}.items():
+        mp.setattr(bench, name, value)
+
+
+@pytest.fixture(scope="module")
+def records():
+    with pytest.MonkeyPatch.context() as mp:
+        tiny(mp)
+        return bench.bench_pipeline(stages=(2,), microbatches=MS, rounds=2)
+
+
+def test_configs_alternate_every_schedule_and_skip_what_torch_refuses():
+    assert bench.pipeline_configs(2, MS, single=True) == [
+        ("single", "naive", 1),
+        ("nanopar", "naive", 1), *(("nanopar", "gpipe", m) for m in MS), *(("nanopar", "1f1b", m) for m in MS),
+        ("torch", "naive", 1), *(("torch", "gpipe", m) for m in MS), ("torch", "1f1b", 2), ("torch", "1f1b", 4)]
+    four = bench.pipeline_configs(4, (1, 2, 4, 8))
+    assert [m for impl, s, m in four if (impl, s) == ("torch", "1f1b")] == [4, 8]  # Schedule1F1B needs m >= p
+    assert [m for impl, s, m in four if (impl, s) == ("nanopar", "1f1b")] == [1, 2, 4, 8]
+    assert not any(impl == "single" for impl, _, _ in four)
+
+
+def test_records_have_the_fields_and_combinations(records):
+    assert [(r["impl"], r["schedule"], r["microbatches"]) for r in records] == bench.pipeline_configs(2, MS, True)
+    for r in records:
+        assert FIELDS <= r.keys()
+        assert r["stages"] == (1 if r["impl"] == "single" else 2) and r["rounds"] == 2
+        assert 0 < r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+        ours = r["impl"] == "nanopar"
+        assert (r["bubble_measured"] is not None) == ours and (r["peak_activation_bytes"] is not None) == ours
+        if ours:
+            assert 0 <= r["bubble_measured"] < 1 and r["peak_activation_bytes"] > 0
+
+
+def test_theory_columns_and_ratios(records):
+    naive = {r["impl"]: r["step_s"] for r in records if r["schedule"] == "naive"}
+    for r in records:
+        p, m = r["stages"], r["microbatches"]
+        assert r["bubble_theory"] == pytest.approx((p - 1) / (m + p - 1))
+        if r["schedule"] == "naive":
+            assert r["speedup_theory"] == 1.0
+        else:
+            assert r["speedup_theory"] == pytest.approx(p * m / (m + p - 1))
+        # "single" is compared with our naive split; the others with their own
+        ref = naive["nanopar" if r["impl"] == "single" else r["impl"]]
+        assert r["speedup_vs_naive"] == pytest.approx(ref / r["step_s"])
+    assert all(r["speedup_vs_naive"] == 1.0 for r in records if r["schedule"] == "naive" and r["impl"] != "single")
+
+
+def test_1f1b_holds_fewer_activations_than_gpipe(records):
+    peak = {(r["schedule"], r["microbatches"]): r["peak_activation_bytes"] for r in records if r["impl"] == "nanopar"}
+    # 1F1B's stage 0 holds p = 2 micro-batches, a shrinking share of the batch; GPipe holds all m
+    assert peak["1f1b", 4] < peak["gpipe", 4]
+    assert peak["1f1b", 4] < peak["1f1b", 1] and peak["gpipe", 1] == peak["naive", 1]
+
+
+def test_headline(records):
+    head = bench.pipeline_headline(records, 2, 4)
+    assert set(head) == {"gpipe_speedup", "1f1b_speedup", "gpipe_nanopar_over_torch", "1f1b_nanopar_over_torch",
+                         "max_bubble_error"}
+    assert all(v > 0 for v in head.values())
+
+
+def test_cli_writes_records_a_plot_and_the_headline(tmp_path, monkeypatch, capsys):
+    tiny(monkeypatch)
+    path, plot = tmp_path / "pipe.json", tmp_path / "pipe.png"
+    assert cli.main(["bench", "pipeline", "--quick", "--microbatches", "2", "4",
+                     "--json", str(path), "--plot", str(plot)]) == 0
+    records = json.loads(path.read_text())
+    assert {r["stages"] for r in records} == {1, 2}  # --quick: 2 stages, and the one process
+    assert plot.stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "2 stages, m=4: speed-up over the naive split: GPipe" in out and "nanopar / torch" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stages", "1"], "at least 2"),
+    (["--stages", "3"], "divide the model's 8 blocks"),
+    (["--microbatches"], "expected at least one argument"),
+    (["--microbatches", "3"], "divide the batch of 128"),
+    (["--microbatches", "0", "2"], "must be positive"),
+])
+def test_bad_arguments_are_parser_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "pipeline", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_schedule_and_measured_gantt_are_figures(tmp_path):
+    ops = schedules.make("1f1b", 4, 8)
+    fig = plotting.plot_schedule(ops, 4, 8, path=tmp_path / "plan.png")
+    assert isinstance(fig, matplotlib.figure.Figure) and (tmp_path / "plan.png").stat().st_size > 5_000
+    # A made-up measurement of the same schedule: one ms per slot, B slightly longer.
+    timings = [[OpTiming(o.kind, o.microbatch, o.slot * 1e-3, (o.slot + (0.9 if o.kind == "F" else 1.0)) * 1e-3, 0.0)
+                for o in schedules.stage_ops(ops, s)] for s in range(4)]
+    fig = plotting.plot_gantt(timings, title="measured", path=tmp_path / "gantt.png")
+    assert isinstance(fig, matplotlib.figure.Figure) and (tmp_path / "gantt.png").stat().st_size > 5_000
+
+
+def test_bench_plot(records, tmp_path):
+    fig = plotting.plot_pipeline_bench(records, path=tmp_path / "bench.png")
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
