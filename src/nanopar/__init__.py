@@ -10,9 +10,9 @@ concern and names the chapter that explains it:
 * ``models``   the models the chapters train, split and shard
 * ``data_parallel``, ``sharding``, ``sync_batchnorm``, ``training``
                data parallelism from scratch, and the loops that check it (chapters 3.1, 4.1)
-* ``model_split``, ``schedules``, ``pipeline``
-               model parallelism: the article's split, pipeline schedules as data, and a
-               multi-process pipeline executor (chapters 3.2, 4.2)
+* ``model_split``, ``schedules``, ``pipeline``, ``microbatching``
+               model parallelism: the article's split, pipeline schedules as data, a
+               multi-process pipeline executor, and what micro-batches cost (chapters 3.2, 4.2)
 * ``bench``    benchmarks behind ``python -m nanopar bench …``
 * ``plotting`` the book's figures
 """

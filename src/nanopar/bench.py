@@ -203,7 +203,7 @@ PIPE_MICROBATCHES = (1, 2, 4, 8, 16)
 # whole-batch step took 25 000–40 000 faults per rank (10–20% of its time), micro-batched ones
 # almost none. That would credit pipelining with an allocator effect, so the ranks keep their
 # freed memory (as PyTorch's caching allocator does on GPUs). Children read these at start.
-_KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def pipe_model(blocks: int = 8, channels: int = 64, classes: int = 10) -> nn.Sequential:
@@ -278,7 +278,7 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
     is over the same impl's naive split at the same stages; for "single" (measured in the
     launch with the fewest stages) over our naive split there: > 1 means splitting cost time.
     ``peak_activation_bytes`` is the largest stage's, ours only. The ranks keep freed memory
-    (see ``_KEEP_FREED_MEMORY``). More ranks than cores
+    (see ``KEEP_FREED_MEMORY``). More ranks than cores
     (4 stages on 2 cores) share the cores: read those ratios with care.
     """
     stages, rounds = sorted(stages), rounds or (4 if quick else 8)
@@ -289,7 +289,7 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
     records: list[dict[str, Any]] = []
     with tqdm(total=sum(map(len, plan.values())) * (rounds + 1), desc="bench pipeline", unit="step") as bar:
         for p, configs in plan.items():
-            with mock.patch.dict(os.environ, _KEEP_FREED_MEMORY):
+            with mock.patch.dict(os.environ, KEEP_FREED_MEMORY):
                 per_rank = run(pipeline_timings, p, build, even_split_points(PIPE_BLOCKS, p), PIPE_BATCH,
                                (3, PIPE_SIZE, PIPE_SIZE), PIPE_CLASSES, configs, rounds, backend="gloo",
                                progress=bar, timeout=timeout)

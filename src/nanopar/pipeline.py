@@ -143,12 +143,44 @@ def execute(stage: nn.Module, index: int, p: int, schedule: Sequence[_schedules.
     held = peak = held_io = peak_io = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
 
+    ops = _schedules.stage_ops(schedule, index)
+    act: tuple[list[int], torch.dtype] | None = None  # shape of the activations received, once known
+    shape_sent = False  # the first activation sent carries its shape; the others have the same
+    posted: dict[int, tuple[torch.Tensor, Any]] = {}  # op position -> (buffer, receive in flight)
+
+    def post(k: int) -> None:
+        # gloo moves a message only once its receive is posted: posting op k's receive while
+        # op k−1 computes lets the bytes travel meanwhile, instead of after it.
+        if k >= len(ops) or k in posted:
+            return
+        op = ops[k]
+        if op.kind == "F" and not first and act is not None:
+            buf = torch.empty(act[0], dtype=act[1], device=device)
+            posted[k] = (buf, dist.irecv(buf, ranks[index - 1], group=group))
+        elif op.kind == "B" and not last and op.microbatch in stash:  # its shape: the output sent
+            buf = torch.empty_like(stash[op.microbatch][1])
+            posted[k] = (buf, dist.irecv(buf, ranks[index + 1], group=group))
+
+    def take(k: int) -> torch.Tensor:
+        post(k)
+        buf, work = posted.pop(k)
+        work.wait()
+        return buf
+
     dist.barrier(group=group)  # a common time origin, so that the ranks' timings line up
     t0 = time.perf_counter()
-    for op in _schedules.stage_ops(schedule, index):
+    for k, op in enumerate(ops):
         j, w0 = op.microbatch, time.perf_counter()
         if op.kind == "F":
-            inp = xs[j] if first else _recv_with_header(ranks[index - 1], device, group).requires_grad_(True)
+            if first:
+                inp = xs[j]
+            elif act is None:  # the first activation carries its shape; the others have the same
+                inp = _recv_with_header(ranks[index - 1], device, group)
+                act = (list(inp.shape), inp.dtype)
+            else:
+                inp = take(k)
+            inp.requires_grad_(not first)
+            post(k + 1)
             start = time.perf_counter()
             saved: dict[int, int] = {}
             pack = lambda t: (_bytes_held(saved, t, skip), t)[1]  # noqa: E731
@@ -171,22 +203,22 @@ def execute(stage: nn.Module, index: int, p: int, schedule: Sequence[_schedules.
             held, held_io = held + nbytes, held_io + io_bytes
             peak, peak_io = max(peak, held), max(peak_io, held_io)
             if not last:
-                _send(out, ranks[index + 1], group, sent_fwd.setdefault(j, []), with_header=True)
+                _send(out, ranks[index + 1], group, sent_fwd.setdefault(j, []), with_header=not shape_sent)
+                shape_sent = True
         else:
             inp, out, nbytes, io_bytes = stash.pop(j)
             for _, work in sent_fwd.pop(j, []):  # done: B(j) needed the next stage to receive F(j)
                 work.wait()
             sent_bwd = [(t, w) for t, w in sent_bwd if not w.is_completed()]
-            grad = None
-            if not last:  # its shape is that of the output this stage sent: no header needed
-                grad = torch.empty_like(out)
-                dist.recv(grad, ranks[index + 1], group=group)
+            grad = None if last else take(k)  # shaped like the output this stage sent
+            post(k + 1)
             start = time.perf_counter()
             out.backward(grad)
             if not first:
                 g = inp.grad if inp.grad is not None else torch.zeros_like(inp)
                 _send(g, ranks[index - 1], group, sent_bwd, with_header=False)
             held, held_io = held - nbytes, held_io - io_bytes
+        post(k + 1)  # if its shape became known only now
         sync(device)  # CUDA runs asynchronously: the op has ended when its kernels have
         timings.append(OpTiming(op.kind, j, start - t0, time.perf_counter() - t0, start - w0))
     for _, work in [*sent_bwd, *(w for ws in sent_fwd.values() for w in ws)]:

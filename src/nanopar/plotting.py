@@ -251,3 +251,46 @@ def plot_pipeline_bench(records: Sequence[dict[str, Any]], path: str | None = No
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
     return _finish(fig, path)
+
+
+def plot_per_sample(times: dict[str, dict[int, float]], path: str | None = None):
+    """Per-sample step time against micro-batch size, relative to the largest batch (chapter 4.2)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for (name, per_size), style in zip(times.items(), ["-o", "-s", "-^", "-v"]):
+        sizes = sorted(per_size)
+        ax.plot(sizes, [per_size[b] / per_size[sizes[-1]] for b in sizes], style, label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples per micro-batch")
+    ax.set_ylabel("time per sample\n(relative to the largest batch)")
+    ax.set_title("Smaller micro-batches cost more per sample")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_tutorial(records: Sequence[dict[str, Any]], published: dict[str, float], path: str | None = None):
+    """PyTorch's model-parallel tutorial experiment: ours on CPU ranks beside its GPU figures (chapter 4.2)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    piped = [r for r in records if r["setup"] == "pipelined"]
+    left.plot([r["split_size"] for r in piped], [r["relative_to_one_device"] for r in piped], "-o",
+              label="pipelined (ours, CPU ranks)")
+    for r, style in zip([r for r in records if r["setup"] != "pipelined"], ["k--", "r:"]):
+        left.axhline(r["relative_to_one_device"], color=style[0], ls=style[1:], label=f"{r['setup']} (ours)")
+    left.set_xscale("log", base=2)
+    left.set_xticks([r["split_size"] for r in piped], [str(r["split_size"]) for r in piped])
+    left.set_xlabel("split size (images per micro-batch)")
+    left.set_ylabel("step time / one device")
+    left.set_title(f"ResNet50, batch {records[0]['batch']} of {records[0]['image']}×{records[0]['image']}, 2 CPU ranks")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    best = min(piped, key=lambda r: r["step_s"])["relative_to_one_device"]
+    ours = [1.0, next(r for r in records if r["setup"] == "naive split")["relative_to_one_device"], best]
+    theirs = [v / published["one device"] for v in published.values()]
+    pos = range(len(theirs))
+    right.bar([p - 0.2 for p in pos], theirs, 0.4, label="tutorial, 2 GPUs")
+    right.bar([p + 0.2 for p in pos], ours, 0.4, label="ours, 2 CPU ranks")
+    right.set_xticks(list(pos), ["one\ndevice", "naive\nsplit", "pipelined\n(best)"])
+    right.set_ylabel("time / one device")
+    right.legend(fontsize=8)
+    return _finish(fig, path)
