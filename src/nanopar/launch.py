@@ -238,14 +238,12 @@ def _blame_silent_deaths(procs, results, errors) -> None:
                          "(no Python traceback: the process died, e.g. killed, crashed or out of memory)")
 
 
-def _drain(results_q, results, errors) -> bool:
-    got = False
+def _drain(results_q, results, errors) -> None:
     while True:
         try:
             _store(*results_q.get_nowait(), results, errors)
-            got = True
         except queue.Empty:
-            return got
+            return
 
 
 def _store(rank, ok, payload, results, errors) -> None:
