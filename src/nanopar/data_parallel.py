@@ -142,7 +142,8 @@ class BucketedDataParallel(_DataParallel):
     backward produces their gradients. When a bucket's last gradient arrives, its
     gradients are copied (pre-divided by N) into one flat buffer and all-reduced
     asynchronously; buckets are launched strictly in order so that every rank issues
-    the same sequence of collectives. ``sync_gradients`` waits and copies the averages back.
+    the same sequence of collectives. ``sync_gradients`` waits, then points each ``.grad``
+    at its averaged slice of the bucket, without copying.
     """
 
     def __init__(self, module: nn.Module, bucket_mb: float = 25.0, group=None, broadcast: bool = True,
@@ -198,7 +199,7 @@ class BucketedDataParallel(_DataParallel):
         self.comm_seconds += time.perf_counter() - t0
         for bucket, flat in zip(self.buckets, self._buffers):
             offset = 0
-            for _, p in bucket:
-                p.grad.view(-1).copy_(flat[offset: offset + p.numel()])
+            for _, p in bucket:  # the averages stay where they are: .grad becomes a view of the
+                p.grad = flat[offset: offset + p.numel()].view_as(p)  # bucket (DDP's gradient_as_bucket_view)
                 offset += p.numel()
         self._reset()
