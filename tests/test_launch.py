@@ -145,3 +145,14 @@ def test_the_same_worker_runs_under_torchrun(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GATHERED [(0, 2, 'gloo', 'cpu', 'x', 0), (1, 2, 'gloo', 'cpu', 'x', 1)]" in proc.stdout
+
+
+def read_env(ctx, name):
+    return os.environ.get(name)
+
+
+def test_env_reaches_the_ranks_and_the_callers_environment_is_restored(monkeypatch):
+    monkeypatch.delenv("NANOPAR_TEST_SETTING", raising=False)
+    assert run(read_env, 2, "NANOPAR_TEST_SETTING", env={"NANOPAR_TEST_SETTING": "on"}) == ["on", "on"]
+    assert run(read_env, 1, "OMP_NUM_THREADS") == ["1"]
+    assert "NANOPAR_TEST_SETTING" not in os.environ

@@ -10,11 +10,9 @@ slowest rank's time, as nccl-tests does.
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import comm, models, schedules
+from . import comm, devices, models, schedules
 from .launch import RankContext, run
 from .model_split import even_split_points, split
 from .pipeline import check_microbatches, execute, measured_idle_fraction
@@ -37,6 +35,11 @@ def _iterations(nbytes: int, quick: bool) -> int:
     # Enough repeats for a stable median, without spending minutes on large messages.
     n = 40 if nbytes <= MiB else 20 if nbytes <= 16 * MiB else 10
     return n // 2 if quick else n
+
+
+def slowest_rank(per_rank: Sequence[Sequence[float]]) -> list[float]:
+    """Iteration by iteration, the slowest rank's time: an iteration lasts that long (nccl-tests' rule)."""
+    return [max(ts) for ts in zip(*per_rank)]
 
 
 def bus_bandwidth(algbw: float, world_size: int) -> float:
@@ -117,7 +120,7 @@ def bench_collectives(
             for impl in per_rank[0]:
                 for nbytes in sizes:
                     # One iteration lasts as long as its slowest rank.
-                    slowest = [max(ts) for ts in zip(*(p[impl][nbytes] for p in per_rank))]
+                    slowest = slowest_rank([p[impl][nbytes] for p in per_rank])
                     records.append(_record(impl, n, nbytes, slowest))
     return records
 
@@ -163,8 +166,8 @@ def bench_dp(world_sizes: Sequence[int] = (1, 2, 4), quick: bool = False,
                 per_rank = run(timed_steps, n, _dp_model, batch, impls, rounds, steps, (1024,), 10,
                                bucket_mb, progress=bar, timeout=timeout)
                 for impl in impls:
-                    step = [max(ts) for ts in zip(*(p[impl]["step_s"] for p in per_rank))]
-                    comm = [max(ts) for ts in zip(*(p[impl]["comm_s"] for p in per_rank))]
+                    step = slowest_rank([p[impl]["step_s"] for p in per_rank])
+                    comm = slowest_rank([p[impl]["comm_s"] for p in per_rank])
                     rec = {
                         "impl": impl, "model": DP_MODEL, "workload": workload, "world_size": n,
                         "bucket_mb": None if impl in ("single", "naive") else bucket_mb,
@@ -289,18 +292,17 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
     records: list[dict[str, Any]] = []
     with tqdm(total=sum(map(len, plan.values())) * (rounds + 1), desc="bench pipeline", unit="step") as bar:
         for p, configs in plan.items():
-            with mock.patch.dict(os.environ, KEEP_FREED_MEMORY):
-                per_rank = run(pipeline_timings, p, build, even_split_points(PIPE_BLOCKS, p), PIPE_BATCH,
-                               (3, PIPE_SIZE, PIPE_SIZE), PIPE_CLASSES, configs, rounds, backend="gloo",
-                               progress=bar, timeout=timeout)
+            per_rank = run(pipeline_timings, p, build, even_split_points(PIPE_BLOCKS, p), PIPE_BATCH,
+                           (3, PIPE_SIZE, PIPE_SIZE), PIPE_CLASSES, configs, rounds, backend="gloo",
+                           progress=bar, timeout=timeout, env=KEEP_FREED_MEMORY)
             for impl, name, m in configs:
                 res = [r[impl, name, m] for r in per_rank]
-                step = [max(ts) for ts in zip(*(r["step_s"] for r in res))]
+                step = slowest_rank([r["step_s"] for r in res])
                 ours = impl == "nanopar"
                 bubble = [measured_idle_fraction(list(t)) for t in zip(*(r["timings"] for r in res))]
                 records.append({
                     "impl": impl, "schedule": name, "stages": 1 if impl == "single" else p, "microbatches": m,
-                    "global_batch": PIPE_BATCH, "cpu_cores": os.cpu_count(), "step_s": statistics.median(step),
+                    "global_batch": PIPE_BATCH, "cpu_cores": devices.cpu_cores(), "step_s": statistics.median(step),
                     "step_s_min": min(step), "step_s_max": max(step), "rounds": len(step),
                     "bubble_measured": statistics.median(bubble) if ours else None,
                     "bubble_theory": 0.0 if impl == "single" else schedules.bubble_fraction(p, m),

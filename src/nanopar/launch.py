@@ -115,6 +115,7 @@ def run(
     timeout: float = DEFAULT_TIMEOUT_S,
     threads_per_rank: int | None = 1,
     progress: Any = None,
+    env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(ctx, *args, **kwargs)`` on ``world_size`` ranks; return ``[result of rank 0, …]``.
@@ -122,7 +123,9 @@ def run(
     ``timeout`` (seconds) bounds the whole run and every collective inside it. Under
     torchrun, ``world_size`` may be ``None`` (take torchrun's) and must otherwise match it.
     ``threads_per_rank=None`` leaves torch's thread count alone. ``progress`` is a tqdm
-    bar that the ranks advance with ``ctx.tick()``. Results travel back through
+    bar that the ranks advance with ``ctx.tick()``. ``env`` adds environment variables
+    for the spawned ranks, set before they start (for settings a process reads only at
+    start, such as the allocator's; under torchrun the launcher owns the environment). Results travel back through
     ``torch.save``, so tensors arrive on the CPU. Book: chapter 2.
     """
     if under_torchrun():
@@ -134,7 +137,7 @@ def run(
         raise ValueError(f"timeout must be positive seconds, got {timeout}")
     backend = resolve_backend(backend, world_size)
     _check_picklable(fn, args, kwargs)
-    return _spawn_and_collect(fn, world_size, args, kwargs, backend, timeout, threads_per_rank, progress)
+    return _spawn_and_collect(fn, world_size, args, kwargs, backend, timeout, threads_per_rank, progress, env)
 
 
 def _check_picklable(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
@@ -157,17 +160,20 @@ def _check_picklable(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         raise TypeError(f"the worker's arguments cannot be pickled for the ranks: {e}") from None
 
 
-def _spawn_and_collect(fn, world_size, args, kwargs, backend, timeout, threads, progress) -> list[Any]:
+def _spawn_and_collect(fn, world_size, args, kwargs, backend, timeout, threads, progress, env) -> list[Any]:
     ctx = mp.get_context("spawn")
     # The parent owns the rendezvous store: binding port 0 gets a free port atomically.
     store = dist.TCPStore(_HOST, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout),
                           wait_for_workers=False)
     results_q = ctx.Queue()
     procs = []
-    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    # Children read these at start (OpenMP's thread count before any torch code runs):
+    # they are set while the ranks start, then the caller's environment is restored.
+    child_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+    child_env.update(env or {})
+    saved_env = {k: os.environ.get(k) for k in child_env}
     try:
-        if threads:  # children read these when their OpenMP starts, before any torch code
-            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        os.environ.update(child_env)
         for rank in range(world_size):
             p = ctx.Process(
                 target=_child,

@@ -11,11 +11,9 @@ two-stage split, and the pipelined split over a sweep of split sizes) on CPU ran
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +58,9 @@ def kernel_efficiency(sizes: Sequence[int] = (1, 2, 4, 8, 16, 32), image: int = 
         "MLP 4x1024": (functools.partial(models.mlp, 1024, 4, in_features=1024, out_features=10), (1024,)),
         "conv stack (bench)": (bench.pipe_model, (3, bench.PIPE_SIZE, bench.PIPE_SIZE)),
     }
-    with mock.patch.dict(os.environ, bench.KEEP_FREED_MEMORY):  # no page faults flattering small batches
-        return {name: run(per_sample_times, 1, build, shape, 10, sizes, progress=progress)[0]
-                for name, (build, shape) in cases.items()}
+    # Freed memory stays in the ranks, so page faults do not flatter the small batches.
+    return {name: run(per_sample_times, 1, build, shape, 10, sizes, progress=progress, env=bench.KEEP_FREED_MEMORY)[0]
+            for name, (build, shape) in cases.items()}
 
 
 def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[int] = (32, 16, 8),
@@ -82,12 +80,11 @@ def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[
     boundaries = split_points([ARTICLE_BOUNDARY], as_blocks(models.resnet50(10)))
     configs = [("single", "naive", 1), ("nanopar", "naive", 1)]
     configs += [("nanopar", "gpipe", batch // s) for s in split_sizes if s < batch]
-    with mock.patch.dict(os.environ, bench.KEEP_FREED_MEMORY):  # as in bench pipeline
-        times = run(bench.pipeline_timings, 2, build, boundaries, batch, (3, image, image), 10, configs, rounds,
-                    progress=progress)
+    times = run(bench.pipeline_timings, 2, build, boundaries, batch, (3, image, image), 10, configs, rounds,
+                progress=progress, env=bench.KEEP_FREED_MEMORY)  # as in bench pipeline
     records = []
     for impl, schedule, m in configs:
-        step = statistics.median(max(ts) for ts in zip(*(t[impl, schedule, m]["step_s"] for t in times)))
+        step = statistics.median(bench.slowest_rank([t[impl, schedule, m]["step_s"] for t in times]))
         setup = "one device" if impl == "single" else "naive split" if schedule == "naive" else "pipelined"
         records.append({"setup": setup, "split_size": batch // m, "microbatches": m, "step_s": step,
                         "batch": batch, "image": image})
