@@ -24,7 +24,7 @@ from . import comm, devices, models, schedules
 from .launch import RankContext, run
 from .model_split import even_split_points, split
 from .pipeline import check_microbatches, execute, measured_idle_fraction
-from .training import make_classification_data, seeded, timed_steps
+from .training import IMPLS, make_classification_data, seeded, timed_steps
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES_FULL = [KiB << (2 * i) for i in range(10)]  # 1 KiB … 256 MiB, ×4 apart
@@ -140,7 +140,6 @@ def ring_to_gloo_ratio(records: list[dict[str, Any]], world_size: int = 2, min_b
 # grows with the batch, communication does not, so t_comm / t_comp sets the scaling.
 DP_MODEL = "mlp-4x1024"
 DP_WORKLOADS = {"compute-bound": 1024, "communication-bound": 8}
-DP_IMPLS = ("naive", "bucketed", "ddp")
 
 
 def _dp_model():
@@ -162,7 +161,7 @@ def bench_dp(world_sizes: Sequence[int] = (1, 2, 4), quick: bool = False,
         for workload, batch in workloads.items():
             single = None
             for n in sorted(world_sizes):
-                impls = (("single",) if n == 1 else ()) + DP_IMPLS
+                impls = (("single",) if n == 1 else ()) + IMPLS
                 per_rank = run(timed_steps, n, _dp_model, batch, impls, rounds, steps, (1024,), 10,
                                bucket_mb, progress=bar, timeout=timeout)
                 for impl in impls:
