@@ -8,7 +8,7 @@ from nanopar import bench, cli, plotting, schedules
 from nanopar.pipeline import OpTiming
 
 FIELDS = {"impl", "schedule", "stages", "microbatches", "step_s", "step_s_min", "step_s_max", "speedup_vs_naive",
-          "bubble_measured", "bubble_theory", "speedup_theory", "peak_activation_bytes"}
+          "bubble_measured", "bubble_theory", "speedup_theory", "peak_activation_bytes", "messages_s", "slow_ops_s"}
 MS = (1, 2, 4)
 
 
@@ -43,9 +43,12 @@ def test_records_have_the_fields_and_combinations(records):
         assert r["stages"] == (1 if r["impl"] == "single" else 2) and r["rounds"] == 2
         assert 0 < r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
         ours = r["impl"] == "nanopar"
-        assert (r["bubble_measured"] is not None) == ours and (r["peak_activation_bytes"] is not None) == ours
+        for field in ("bubble_measured", "peak_activation_bytes", "messages_s", "slow_ops_s"):
+            assert (r[field] is not None) == ours, field
         if ours:
             assert 0 <= r["bubble_measured"] < 1 and r["peak_activation_bytes"] > 0
+            # replaying the measured ops can only be as fast as the step, or faster
+            assert r["messages_s"] >= -1e-9 and r["messages_s"] + r["slow_ops_s"] <= r["step_s"]
 
 
 def test_theory_columns_and_ratios(records):
@@ -117,3 +120,12 @@ def test_bench_plot(records, tmp_path):
     fig = plotting.plot_pipeline_bench(records, path=tmp_path / "bench.png")
     assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_handoff_cost_plot_starts_at_one_and_1f1b_grows_faster(tmp_path):
+    fig = plotting.plot_handoff_cost(2, (8,), path=tmp_path / "handoff.png")
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"gpipe, m = 8", "1f1b, m = 8"}
+    assert lines["gpipe, m = 8"][0] == lines["1f1b, m = 8"][0] == 1.0
+    assert lines["1f1b, m = 8"][-1] > lines["gpipe, m = 8"][-1] > 1.0
+    assert (tmp_path / "handoff.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ from nanopar import models, schedules
 from nanopar.launch import RankError, run
 from nanopar.model_split import even_split_points
 from nanopar.pipeline import (OpTiming, check_microbatches, measured_idle_fraction, pipeline_step, pipeline_sweep,
-                              pipeline_train, torch_pipeline_step)
+                              pipeline_train, time_budget, torch_pipeline_step)
 from nanopar.training import TrainConfig, full_batch_gradients, make_classification_data, seeded, train_single
 
 MLP = functools.partial(seeded, functools.partial(models.mlp, 32, 8, in_features=12, out_features=5))
@@ -65,8 +65,14 @@ def test_every_op_is_timed_in_schedule_order(sweep):
             assert [(t.kind, t.microbatch) for t in timings] == [(o.kind, o.microbatch) for o in planned]
             assert all(isinstance(t, OpTiming) and 0 <= t.start <= t.end and t.wait >= 0 for t in timings)
             assert all(a.end <= b.start for a, b in zip(timings, timings[1:]))  # one op at a time per rank
-        idle = measured_idle_fraction([per_rank[s][c]["timings"] for s in range(p)])
-        assert 0 <= idle < 1
+        step = [per_rank[s][c]["timings"] for s in range(p)]
+        assert 0 <= measured_idle_fraction(step) < 1
+        # One clock for all ranks: no op starts before the op whose result it receives ended.
+        at = {(t.kind, s, t.microbatch): t for s in range(p) for t in step[s]}
+        for (kind, s, j), t in at.items():
+            before = at.get(("F", s - 1, j) if kind == "F" else ("B", s + 1, j))
+            assert before is None or t.start >= before.end - 1e-3, (name, m, kind, s, j)
+        assert 0 <= min(t.start for rank in step for t in rank) < 0.01  # counted from the earliest rank
 
 
 def test_1f1b_holds_fewer_activations_than_gpipe(sweep):
@@ -148,3 +154,18 @@ def test_mismatched_stage_shapes_and_wrong_rank_count_are_clear_errors():
         run(pipeline_step, 2, _bad_model, [2], x, y, "1f1b", 2, timeout=60)
     with pytest.raises(RankError, match=r"1 split points make 2 stages but 3 ranks were started"):
         run(pipeline_step, 3, MLP, [8], x, y, "1f1b", 2, timeout=60)
+
+
+def test_time_budget_splits_a_step_into_ops_messages_and_slow_ops():
+    # A made-up measurement: forward 1, backward 2, one slow backward, messages taking 0.5.
+    ops = schedules.make("1f1b", 2, 3)
+    cost = lambda kind, s, j: (1.0 if kind == "F" else 2.0) + (1.0 if (kind, s, j) == ("B", 1, 0) else 0.0)  # noqa: E731
+    span = lambda c, f: max(e for _, e in schedules.timeline(ops, 2, f, c).values())  # noqa: E731
+    times = schedules.timeline(ops, 2, cost, latency=0.5)
+    measured = [[OpTiming(o.kind, o.microbatch, *times[o.kind, s, o.microbatch], 0.0) for o in schedules.stage_ops(ops, s)]
+                for s in range(2)]
+    budget = time_budget(measured)
+    assert budget["span"] == pytest.approx(span(0.5, cost))
+    assert budget["instant_messages"] == pytest.approx(span(0.0, cost))
+    assert budget["steady_ops"] == pytest.approx(span(0.0, lambda kind, s, j: 1.0 if kind == "F" else 2.0))
+    assert budget["span"] > budget["instant_messages"] > budget["steady_ops"]

@@ -88,3 +88,37 @@ def test_sizes_must_be_positive_integers(p, m):
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match=r"choose one of \['1f1b', 'gpipe', 'naive'\]"):
         schedules.make("zero-bubble", 2, 2)
+
+
+def test_timeline_with_unit_ops_is_the_schedule_itself():
+    for name in schedules.SCHEDULES:
+        ops = schedules.make(name, 3, 5)
+        times = schedules.timeline(ops, 3, lambda *_: 1.0)
+        assert {(o.kind, o.stage, o.microbatch): (o.slot, o.slot + 1) for o in ops} == times
+
+
+@pytest.mark.parametrize("m, span, f1b_handoffs", [(2, 9, 2), (3, 12, 4), (4, 15, 4)])
+def test_timeline_puts_more_handoffs_on_1f1bs_critical_path(m, span, f1b_handoffs):
+    # Forward 1, backward 2, 2 stages, worked by hand (chapter 4.2): with messages taking c,
+    # GPipe's step grows by 2c (the first forward and the first backward handoff), 1F1B's
+    # by 2c·ceil(m/2): in its steady state the stages wait on each other's messages.
+    cost = lambda kind, s, j: 1.0 if kind == "F" else 2.0  # noqa: E731
+    for c in (0.0, 0.25, 1.5):
+        took = lambda ops: max(e for _, e in schedules.timeline(ops, 2, cost, c).values())  # noqa: E731
+        assert took(gpipe(2, m)) == pytest.approx(span + 2 * c)
+        assert took(one_f_one_b(2, m)) == pytest.approx(span + f1b_handoffs * c)
+
+
+def test_timeline_keeps_each_stage_order_and_dependencies():
+    cost = lambda kind, s, j: 0.5 + 0.1 * s + (0.3 * j if kind == "B" else 0.0)  # noqa: E731
+    ops = one_f_one_b(4, 6)
+    times = schedules.timeline(ops, 4, cost, latency=0.05)
+    for s in range(4):
+        order = [times[o.kind, s, o.microbatch] for o in schedules.stage_ops(ops, s)]
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(order, order[1:]))
+    for (kind, s, j), (start, end) in times.items():
+        assert end - start == pytest.approx(cost(kind, s, j))
+        if kind == "F" and s:
+            assert start >= times["F", s - 1, j][1] + 0.05 - 1e-12
+        if kind == "B" and s < 3:
+            assert start >= times["B", s + 1, j][1] + 0.05 - 1e-12

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import comm, devices, models, schedules
 from .launch import RankContext, run
 from .model_split import even_split_points, split
-from .pipeline import check_microbatches, execute, measured_idle_fraction
+from .pipeline import check_microbatches, execute, measured_idle_fraction, time_budget
 from .training import IMPLS, make_classification_data, seeded, timed_steps
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -279,9 +279,11 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
     One launch of CPU (gloo) ranks per stage count, configs alternating. ``speedup_vs_naive``
     is over the same impl's naive split at the same stages; for "single" (measured in the
     launch with the fewest stages) over our naive split there: > 1 means splitting cost time.
-    ``peak_activation_bytes`` is the largest stage's, ours only. The ranks keep freed memory
-    (see ``KEEP_FREED_MEMORY``). More ranks than cores
-    (4 stages on 2 cores) share the cores: read those ratios with care.
+    ``peak_activation_bytes`` is the largest stage's, ours only; so are ``messages_s`` and
+    ``slow_ops_s``, what communication and uneven op times added to the step
+    (``pipeline.time_budget``, median over rounds). The ranks keep freed memory
+    (see ``KEEP_FREED_MEMORY``). More ranks than cores (4 stages on 2 cores) share the
+    cores: read those ratios with care.
     """
     stages, rounds = sorted(stages), rounds or (4 if quick else 8)
     for m in microbatches:
@@ -298,7 +300,9 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
                 res = [r[impl, name, m] for r in per_rank]
                 step = slowest_rank([r["step_s"] for r in res])
                 ours = impl == "nanopar"
-                bubble = [measured_idle_fraction(list(t)) for t in zip(*(r["timings"] for r in res))]
+                steps = [list(t) for t in zip(*(r["timings"] for r in res))]  # per round, per rank
+                bubble = [measured_idle_fraction(t) for t in steps]
+                budget = [time_budget(t) for t in steps]
                 records.append({
                     "impl": impl, "schedule": name, "stages": 1 if impl == "single" else p, "microbatches": m,
                     "global_batch": PIPE_BATCH, "cpu_cores": devices.cpu_cores(), "step_s": statistics.median(step),
@@ -306,7 +310,10 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
                     "bubble_measured": statistics.median(bubble) if ours else None,
                     "bubble_theory": 0.0 if impl == "single" else schedules.bubble_fraction(p, m),
                     "speedup_theory": 1.0 if name == "naive" else p * m / (m + p - 1),
-                    "peak_activation_bytes": max(r["peak_activation_bytes"] for r in res) if ours else None})
+                    "peak_activation_bytes": max(r["peak_activation_bytes"] for r in res) if ours else None,
+                    "messages_s": statistics.median(b["span"] - b["instant_messages"] for b in budget) if ours else None,
+                    "slow_ops_s": statistics.median(b["instant_messages"] - b["steady_ops"] for b in budget)
+                    if ours else None})
             naive = {r["impl"]: r["step_s"] for r in records[-len(configs):] if r["schedule"] == "naive"}
             for rec in records[-len(configs):]:
                 rec["speedup_vs_naive"] = naive["nanopar" if rec["impl"] == "single" else rec["impl"]] / rec["step_s"]

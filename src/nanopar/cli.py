@@ -56,11 +56,13 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     records = bench.bench_pipeline(stages=args.stages, microbatches=args.microbatches, quick=args.quick)
     _write(records, args, "pipeline")
     for r in records:
-        bubble = "    -" if r["bubble_measured"] is None else f"{r['bubble_measured']:.3f}"
+        ours = r["bubble_measured"] is not None
+        bubble = f"{r['bubble_measured']:.3f}" if ours else "    -"
+        lost = f"  messages {r['messages_s'] * 1e3:4.1f} ms, slow ops {r['slow_ops_s'] * 1e3:4.1f} ms" if ours else ""
         print(f"p={r['stages']} {r['impl']:<8} {r['schedule']:<6} m={r['microbatches']:<3}"
               f" step {r['step_s'] * 1e3:7.1f} ms  x{r['speedup_vs_naive']:.2f} vs naive"
               f" (theory x{r['speedup_theory']:.2f})"
-              f"  bubble {bubble} (theory {r['bubble_theory']:.3f})")
+              f"  bubble {bubble} (theory {r['bubble_theory']:.3f}){lost}")
     p = min(args.stages)
     m = 8 if 8 in args.microbatches else max(args.microbatches)
     head = bench.pipeline_headline(records, p, m)

@@ -24,8 +24,9 @@ with ``torch.distributed.pipelining`` (ScheduleGPipe, Schedule1F1B) for parity.
 """
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -45,7 +46,11 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 
 @dataclass(frozen=True)
 class OpTiming:
-    """When one op computed, in seconds after the ranks' common start; ``wait`` was spent receiving."""
+    """When one op computed, in seconds after the earliest rank's start; ``wait`` was spent receiving.
+
+    The ranks' times are on the wall clock: exact between the ranks of one machine, and
+    across machines as good as their clocks' synchronisation (NTP: about a millisecond).
+    """
 
     kind: str
     microbatch: int
@@ -167,8 +172,8 @@ def execute(stage: nn.Module, index: int, p: int, schedule: Sequence[_schedules.
         work.wait()
         return buf
 
-    dist.barrier(group=group)  # a common time origin, so that the ranks' timings line up
-    t0 = time.perf_counter()
+    dist.barrier(group=group)  # start together
+    t0, wall0 = time.perf_counter(), time.time()
     for k, op in enumerate(ops):
         j, w0 = op.microbatch, time.perf_counter()
         if op.kind == "F":
@@ -194,6 +199,8 @@ def execute(stage: nn.Module, index: int, p: int, schedule: Sequence[_schedules.
                 if last:
                     out = F.cross_entropy(out, ys[j]) / m
                     loss_total += out.item()
+            sync(device)  # CUDA runs asynchronously: the op has ended when its kernels have
+            end = time.perf_counter()  # before sending: the next stage cannot start before this
             io: dict[int, int] = {}
             for t in (inp, out):
                 _bytes_held(saved, t, skip)
@@ -214,15 +221,23 @@ def execute(stage: nn.Module, index: int, p: int, schedule: Sequence[_schedules.
             post(k + 1)
             start = time.perf_counter()
             out.backward(grad)
+            sync(device)
+            end = time.perf_counter()
             if not first:
                 g = inp.grad if inp.grad is not None else torch.zeros_like(inp)
                 _send(g, ranks[index - 1], group, sent_bwd, with_header=False)
             held, held_io = held - nbytes, held_io - io_bytes
         post(k + 1)  # if its shape became known only now
-        sync(device)  # CUDA runs asynchronously: the op has ended when its kernels have
-        timings.append(OpTiming(op.kind, j, start - t0, time.perf_counter() - t0, start - w0))
+        timings.append(OpTiming(op.kind, j, start - t0, end - t0, start - w0))
     for _, work in [*sent_bwd, *(w for ws in sent_fwd.values() for w in ws)]:
         work.wait()
+    # The ranks leave the barrier up to a scheduler tick (~4 ms) apart, which would shift
+    # their timings against each other: put them on the wall clock instead (one clock for
+    # all ranks of a machine), counted from the earliest rank's start.
+    origin = torch.tensor([wall0], dtype=torch.float64, device=device)
+    dist.all_reduce(origin, op=dist.ReduceOp.MIN, group=group)
+    shift = wall0 - origin.item()
+    timings = [replace(t, start=t.start + shift, end=t.end + shift) for t in timings]
     return {"loss": loss_total if last else None, "timings": timings, "peak_activation_bytes": peak,
             "peak_stashed_bytes": peak_io}
 
@@ -304,6 +319,27 @@ def measured_idle_fraction(timings: Sequence[Sequence[OpTiming]]) -> float:
     ops = [t for rank in timings for t in rank]
     span = max(t.end for t in ops) - min(t.start for t in ops)
     return 1 - sum(t.end - t.start for t in ops) / (len(timings) * span)
+
+
+def time_budget(timings: Sequence[Sequence[OpTiming]]) -> dict[str, float]:
+    """Where a measured step's time went, by replaying its ops without messages (chapter 4.2).
+
+    ``span``: the step as measured, first start to last end. ``instant_messages``: the
+    same ops, at their measured durations, replayed through the schedule's dependencies
+    with messages taking no time (``schedules.timeline``). ``steady_ops``: the same with
+    every op at its stage's median forward or backward time. So ``span −
+    instant_messages`` is what communication cost, and ``instant_messages −
+    steady_ops`` what slow ops cost; ``steady_ops`` is the schedule at this machine's speed.
+    """
+    ops = [_schedules.Op(k, s, t.microbatch, t.kind) for s, rank in enumerate(timings) for k, t in enumerate(rank)]
+    took = {(t.kind, s, t.microbatch): t.end - t.start for s, rank in enumerate(timings) for t in rank}
+    median = {(kind, s): statistics.median(v for (k, r, _), v in took.items() if (k, r) == (kind, s))
+              for kind in "FB" for s in range(len(timings))}
+    replayed = {name: max(end for _, end in _schedules.timeline(ops, len(timings), duration).values())
+                for name, duration in [("instant_messages", lambda k, s, j: took[k, s, j]),
+                                       ("steady_ops", lambda k, s, j: median[k, s])]}
+    every = [t for rank in timings for t in rank]
+    return {"span": max(t.end for t in every) - min(t.start for t in every), **replayed}
 
 
 def pipeline_train(ctx: RankContext, build: Callable[[], nn.Module], boundaries: Sequence[Boundary],

@@ -1,8 +1,8 @@
 """The book's figures, drawn from the records the benchmarks return.
 
-Book: chapter 2 (bandwidth). Each function returns a matplotlib Figure that pyplot no
-longer tracks (so a notebook shows it exactly once, as the cell's result); pass
-``path`` to also save it (PNG or SVG, by suffix).
+Book: chapters 1 to 4 (memory, bandwidth, data parallelism, pipelines). Each function
+returns a matplotlib Figure that pyplot no longer tracks (so a notebook shows it exactly
+once, as the cell's result); pass ``path`` to also save it (PNG or SVG, by suffix).
 """
 from __future__ import annotations
 
@@ -293,4 +293,29 @@ def plot_tutorial(records: Sequence[dict[str, Any]], published: dict[str, float]
     right.set_xticks(list(pos), ["one\ndevice", "naive\nsplit", "pipelined\n(best)"])
     right.set_ylabel("time / one device")
     right.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_handoff_cost(p: int = 2, microbatches: Sequence[int] = (8, 16), backward: float = 2.0,
+                      latencies: Sequence[float] | None = None, path: str | None = None):
+    """Step time against the time one message takes, GPipe beside 1F1B, from ``schedules.timeline`` (chapter 4.2).
+
+    Ops cost 1 (forward) and ``backward`` units; a message between stages costs the
+    latency on x, in the same units. The step time is relative to instant messages.
+    """
+    from .schedules import make, timeline
+
+    latencies = latencies or [i / 20 for i in range(21)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    cost = lambda kind, s, j: 1.0 if kind == "F" else backward  # noqa: E731
+    for m, line in zip(microbatches, ["-", "--", ":"]):
+        for name, color in (("gpipe", "C0"), ("1f1b", "C1")):
+            ops = make(name, p, m)
+            span = [max(end for _, end in timeline(ops, p, cost, c).values()) for c in latencies]
+            ax.plot(latencies, [s / span[0] for s in span], line, color=color, label=f"{name}, m = {m}")
+    ax.set_xlabel("time one message takes (units of one micro-batch's forward)")
+    ax.set_ylabel("step time / with instant messages")
+    ax.set_title(f"{p} stages, backward = {backward:g} × forward: where a message's time lands", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     return _finish(fig, path)

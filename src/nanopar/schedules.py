@@ -40,38 +40,49 @@ def _check_sizes(p: int, m: int) -> None:
         raise ValueError(f"the number of micro-batches must be a positive integer, got {m!r}")
 
 
-def _place(orders: list[list[tuple[str, int]]]) -> list[Op]:
-    """Give each stage's ops (in that stage's order) the earliest slot their inputs allow.
+def _replay(orders: list[list[tuple[str, int]]], duration: Callable[[str, int, int], float],
+            latency: float) -> dict[tuple[str, int, int], tuple[float, float]]:
+    """Start and end of each op when every stage runs its ops in its order, each as early as it can.
 
     F(s, j) needs F(s-1, j) done; B(s, j) needs B(s+1, j) done (the last stage's B needs
-    its own F). Each stage does one op per slot. Only the per-stage *order* defines a
-    schedule; the slots follow from it, assuming every op takes the same time.
+    its own F); a result that crosses to another stage arrives ``latency`` later.
     """
     p = len(orders)
-    done: dict[tuple[str, int, int], int] = {}
+    done: dict[tuple[str, int, int], tuple[float, float]] = {}
     nxt = [0] * p
-    free = [0] * p  # first slot in which each stage is idle
+    free = [0.0] * p  # when each stage is next idle
     while any(nxt[s] < len(orders[s]) for s in range(p)):
         progressed = False
         for s in range(p):
             if nxt[s] == len(orders[s]):
                 continue
             kind, j = orders[s][nxt[s]]
-            dep = ("F", s - 1, j) if kind == "F" else ("B", s + 1, j) if s < p - 1 else ("F", s, j)
             if kind == "F" and s == 0:
-                ready = 0
-            elif dep in done:
-                ready = done[dep] + 1
+                ready = 0.0
             else:
-                continue
-            slot = max(ready, free[s])
-            done[(kind, s, j)] = slot
-            free[s] = slot + 1
+                dep = ("F", s - 1, j) if kind == "F" else ("B", s + 1, j) if s < p - 1 else ("F", s, j)
+                if dep not in done:
+                    continue
+                ready = done[dep][1] + (latency if dep[1] != s else 0.0)
+            start = max(ready, free[s])
+            free[s] = start + duration(kind, s, j)
+            done[(kind, s, j)] = (start, free[s])
             nxt[s] += 1
             progressed = True
         if not progressed:  # an order that waits on itself: a bug in the schedule's definition
             raise ValueError(f"the stage orders deadlock: {orders}")
-    return sorted((Op(slot, s, j, k) for (k, s, j), slot in done.items()), key=lambda o: (o.slot, o.stage))
+    return done
+
+
+def _place(orders: list[list[tuple[str, int]]]) -> list[Op]:
+    """Give each stage's ops (in that stage's order) the earliest slot their inputs allow.
+
+    Only the per-stage *order* defines a schedule; the slots follow from it, assuming
+    every op takes one slot and messages take no time.
+    """
+    times = _replay(orders, lambda *_: 1, 0)
+    return sorted((Op(int(start), s, j, k) for (k, s, j), (start, _) in times.items()),
+                  key=lambda o: (o.slot, o.stage))
 
 
 def naive(stages: int, microbatches: int = 1) -> list[Op]:
@@ -179,3 +190,21 @@ def peak_in_flight(schedule: Sequence[Op], stage: int) -> int:
         held += 1 if op.kind == "F" else -1
         peak = max(peak, held)
     return peak
+
+
+def timeline(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int], float],
+             latency: float = 0.0) -> dict[tuple[str, int, int], tuple[float, float]]:
+    """Replay ``schedule`` with real costs: ``(kind, stage, microbatch) -> (start, end)`` (chapter 4.2).
+
+    Each stage keeps the schedule's order but starts every op as soon as its input is
+    there: op times come from ``duration(kind, stage, microbatch)``, and each activation
+    or gradient reaches the next stage ``latency`` after it was produced. With unit
+    durations and no latency this is the schedule itself; with the durations a rank
+    measured, it is what the step would have taken had messages been instant.
+
+    >>> t = timeline(gpipe(2, 3), 2, lambda kind, s, j: 1 if kind == "F" else 2, latency=0.5)
+    >>> max(end for _, end in t.values())   # 12 units of work and the bubble, plus 2 latencies
+    13.0
+    """
+    orders = [[(o.kind, o.microbatch) for o in stage_ops(schedule, s)] for s in range(p)]
+    return _replay(orders, duration, latency)
