@@ -129,3 +129,10 @@ def test_handoff_cost_plot_starts_at_one_and_1f1b_grows_faster(tmp_path):
     assert lines["gpipe, m = 8"][0] == lines["1f1b, m = 8"][0] == 1.0
     assert lines["1f1b, m = 8"][-1] > lines["gpipe, m = 8"][-1] > 1.0
     assert (tmp_path / "handoff.png").stat().st_size > 10_000
+
+
+def test_bench_plot_caps_oversubscribed_stages_at_the_core_count(records):
+    shared = [dict(r, stages=4, cpu_cores=2) for r in records if r["impl"] != "single"]
+    fig = plotting.plot_pipeline_bench(shared)
+    assert "2 cores: at most 2x" in [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "4 ranks share 2 cores" in fig.axes[0].get_title()

@@ -239,6 +239,8 @@ def plot_pipeline_bench(records: Sequence[dict[str, Any]], path: str | None = No
         top.axhline(1.0, color="grey", lw=0.8)
         cores = rows[0].get("cpu_cores") or p
         shared = f" ({p} ranks share {cores} cores)" if p > cores else ""
+        if p > cores:  # the naive split keeps one core busy; no schedule can use more than all of them
+            top.axhline(cores, color="grey", ls="--", lw=1, label=f"{cores} cores: at most {cores}x")
         top.set_title(f"{p} stages, batch {rows[0]['global_batch']}{shared}: speed-up over the naive split", fontsize=9)
         top.set_ylabel("naive step time / step time")
         bottom.set_title(f"{p} stages: the bubble, measured (ours) and in theory", fontsize=9)
