@@ -122,3 +122,8 @@ def test_timeline_keeps_each_stage_order_and_dependencies():
             assert start >= times["F", s - 1, j][1] + 0.05 - 1e-12
         if kind == "B" and s < 3:
             assert start >= times["B", s + 1, j][1] + 0.05 - 1e-12
+
+
+def test_timeline_refuses_negative_latency():
+    with pytest.raises(ValueError, match="negative time"):
+        schedules.timeline(gpipe(2, 2), 2, lambda *_: 1.0, latency=-0.1)

@@ -206,5 +206,7 @@ def timeline(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int],
     >>> max(end for _, end in t.values())   # 12 units of work and the bubble, plus 2 latencies
     13.0
     """
+    if latency < 0:
+        raise ValueError(f"a message cannot take negative time: latency={latency!r}")
     orders = [[(o.kind, o.microbatch) for o in stage_ops(schedule, s)] for s in range(p)]
     return _replay(orders, duration, latency)
