@@ -160,7 +160,7 @@ def test_time_budget_splits_a_step_into_ops_messages_and_slow_ops():
     # A made-up measurement: forward 1, backward 2, one slow backward, messages taking 0.5.
     ops = schedules.make("1f1b", 2, 3)
     cost = lambda kind, s, j: (1.0 if kind == "F" else 2.0) + (1.0 if (kind, s, j) == ("B", 1, 0) else 0.0)  # noqa: E731
-    span = lambda c, f: max(e for _, e in schedules.timeline(ops, 2, f, c).values())  # noqa: E731
+    span = lambda c, f: schedules.step_time(ops, 2, f, c)  # noqa: E731
     times = schedules.timeline(ops, 2, cost, latency=0.5)
     measured = [[OpTiming(o.kind, o.microbatch, *times[o.kind, s, o.microbatch], 0.0) for o in schedules.stage_ops(ops, s)]
                 for s in range(2)]

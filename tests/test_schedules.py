@@ -104,9 +104,8 @@ def test_timeline_puts_more_handoffs_on_1f1bs_critical_path(m, span, f1b_handoff
     # by 2c·ceil(m/2): in its steady state the stages wait on each other's messages.
     cost = lambda kind, s, j: 1.0 if kind == "F" else 2.0  # noqa: E731
     for c in (0.0, 0.25, 1.5):
-        took = lambda ops: max(e for _, e in schedules.timeline(ops, 2, cost, c).values())  # noqa: E731
-        assert took(gpipe(2, m)) == pytest.approx(span + 2 * c)
-        assert took(one_f_one_b(2, m)) == pytest.approx(span + f1b_handoffs * c)
+        assert schedules.step_time(gpipe(2, m), 2, cost, c) == pytest.approx(span + 2 * c)
+        assert schedules.step_time(one_f_one_b(2, m), 2, cost, c) == pytest.approx(span + f1b_handoffs * c)
 
 
 def test_timeline_keeps_each_stage_order_and_dependencies():

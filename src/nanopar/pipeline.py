@@ -316,9 +316,13 @@ def measured_idle_fraction(timings: Sequence[Sequence[OpTiming]]) -> float:
     ``timings[r]`` is rank r's list; compare with ``schedules.bubble_fraction``, which
     assumes every op takes the same time and sending costs nothing.
     """
-    ops = [t for rank in timings for t in rank]
-    span = max(t.end for t in ops) - min(t.start for t in ops)
-    return 1 - sum(t.end - t.start for t in ops) / (len(timings) * span)
+    busy = sum(t.end - t.start for rank in timings for t in rank)
+    return 1 - busy / (len(timings) * _span(timings))
+
+
+def _span(timings: Sequence[Sequence[OpTiming]]) -> float:
+    every = [t for rank in timings for t in rank]
+    return max(t.end for t in every) - min(t.start for t in every)
 
 
 def time_budget(timings: Sequence[Sequence[OpTiming]]) -> dict[str, float]:
@@ -335,11 +339,10 @@ def time_budget(timings: Sequence[Sequence[OpTiming]]) -> dict[str, float]:
     took = {(t.kind, s, t.microbatch): t.end - t.start for s, rank in enumerate(timings) for t in rank}
     median = {(kind, s): statistics.median(v for (k, r, _), v in took.items() if (k, r) == (kind, s))
               for kind in "FB" for s in range(len(timings))}
-    replayed = {name: max(end for _, end in _schedules.timeline(ops, len(timings), duration).values())
+    replayed = {name: _schedules.step_time(ops, len(timings), duration)
                 for name, duration in [("instant_messages", lambda k, s, j: took[k, s, j]),
                                        ("steady_ops", lambda k, s, j: median[k, s])]}
-    every = [t for rank in timings for t in rank]
-    return {"span": max(t.end for t in every) - min(t.start for t in every), **replayed}
+    return {"span": _span(timings), **replayed}
 
 
 def pipeline_train(ctx: RankContext, build: Callable[[], nn.Module], boundaries: Sequence[Boundary],

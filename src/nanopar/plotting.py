@@ -306,7 +306,7 @@ def plot_handoff_cost(p: int = 2, microbatches: Sequence[int] = (8, 16), backwar
     Ops cost 1 (forward) and ``backward`` units; a message between stages costs the
     latency on x, in the same units. The step time is relative to instant messages.
     """
-    from .schedules import make, timeline
+    from .schedules import make, step_time
 
     latencies = latencies or [i / 20 for i in range(21)]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -314,7 +314,7 @@ def plot_handoff_cost(p: int = 2, microbatches: Sequence[int] = (8, 16), backwar
     for m, line in zip(microbatches, ["-", "--", ":"]):
         for name, color in (("gpipe", "C0"), ("1f1b", "C1")):
             ops = make(name, p, m)
-            span = [max(end for _, end in timeline(ops, p, cost, c).values()) for c in latencies]
+            span = [step_time(ops, p, cost, c) for c in latencies]
             ax.plot(latencies, [s / span[0] for s in span], line, color=color, label=f"{name}, m = {m}")
     ax.set_xlabel("time one message takes (units of one micro-batch's forward)")
     ax.set_ylabel("step time / with instant messages")

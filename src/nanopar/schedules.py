@@ -210,3 +210,9 @@ def timeline(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int],
         raise ValueError(f"a message cannot take negative time: latency={latency!r}")
     orders = [[(o.kind, o.microbatch) for o in stage_ops(schedule, s)] for s in range(p)]
     return _replay(orders, duration, latency)
+
+
+def step_time(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int], float],
+              latency: float = 0.0) -> float:
+    """When the last op of ``timeline(schedule, p, duration, latency)`` ends: the step's length."""
+    return max(end for _, end in timeline(schedule, p, duration, latency).values())
