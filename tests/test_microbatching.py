@@ -1,9 +1,10 @@
-"""nanopar.microbatching: the records and figures of chapter 4.2's micro-batch experiments."""
+"""nanopar.bench.microbatching: the records and figures of chapter 4.2's micro-batch experiments."""
 import functools
 
 import pytest
 
-from nanopar import microbatching, models, plotting
+from nanopar import models, plotting
+from nanopar.bench import microbatching
 from nanopar.launch import run
 
 

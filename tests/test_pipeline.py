@@ -9,8 +9,9 @@ from torch import nn
 from nanopar import models, schedules
 from nanopar.launch import RankError, run
 from nanopar.model_split import even_split_points
-from nanopar.pipeline import (OpTiming, check_microbatches, measured_idle_fraction, pipeline_step, pipeline_sweep,
-                              pipeline_train, time_budget, torch_pipeline_step)
+from nanopar.bench import measured_idle_fraction, time_budget
+from nanopar.pipeline import (OpTiming, check_microbatches, pipeline_step, pipeline_sweep, pipeline_train,
+                              torch_pipeline_step)
 from nanopar.training import TrainConfig, full_batch_gradients, make_classification_data, seeded, train_single
 
 MLP = functools.partial(seeded, functools.partial(models.mlp, 32, 8, in_features=12, out_features=5))

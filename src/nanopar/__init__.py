@@ -10,10 +10,11 @@ concern and names the chapter that explains it:
 * ``models``   the models the chapters train, split and shard
 * ``data_parallel``, ``sharding``, ``sync_batchnorm``, ``training``
                data parallelism from scratch, and the loops that check it (chapters 3.1, 4.1)
-* ``model_split``, ``schedules``, ``pipeline``, ``microbatching``
+* ``model_split``, ``schedules``, ``pipeline``
                model parallelism: the article's split, pipeline schedules as data, a
-               multi-process pipeline executor, and what micro-batches cost (chapters 3.2, 4.2)
-* ``bench``    benchmarks behind ``python -m nanopar bench …``
+               multi-process pipeline executor (chapters 3.2, 4.2)
+* ``bench``    benchmarks behind ``python -m nanopar bench …`` and the analysis of their
+               runs: ``collectives``, ``dp``, ``pipeline``, ``microbatching`` (chapters 2, 4)
 * ``plotting`` the book's figures
 """
 from . import devices

@@ -24,7 +24,6 @@ with ``torch.distributed.pipelining`` (ScheduleGPipe, Schedule1F1B) for parity.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -308,41 +307,6 @@ def torch_pipeline_step(ctx: RankContext, build: Callable[[], nn.Module], bounda
     sched.step(*args, **kwargs)
     loss = sum(l.item() for l in losses) / microbatches if last else None
     return {"stage": ctx.rank, "grads": _grads(stage_mod), "loss": loss}
-
-
-def measured_idle_fraction(timings: Sequence[Sequence[OpTiming]]) -> float:
-    """The bubble as measured: 1 − (busy time of all ranks) / (ranks × span of the step) (chapter 4.2).
-
-    ``timings[r]`` is rank r's list; compare with ``schedules.bubble_fraction``, which
-    assumes every op takes the same time and sending costs nothing.
-    """
-    busy = sum(t.end - t.start for rank in timings for t in rank)
-    return 1 - busy / (len(timings) * _span(timings))
-
-
-def _span(timings: Sequence[Sequence[OpTiming]]) -> float:
-    every = [t for rank in timings for t in rank]
-    return max(t.end for t in every) - min(t.start for t in every)
-
-
-def time_budget(timings: Sequence[Sequence[OpTiming]]) -> dict[str, float]:
-    """Where a measured step's time went, by replaying its ops without messages (chapter 4.2).
-
-    ``span``: the step as measured, first start to last end. ``instant_messages``: the
-    same ops, at their measured durations, replayed through the schedule's dependencies
-    with messages taking no time (``schedules.timeline``). ``steady_ops``: the same with
-    every op at its stage's median forward or backward time. So ``span −
-    instant_messages`` is what communication cost, and ``instant_messages −
-    steady_ops`` what slow ops cost; ``steady_ops`` is the schedule at this machine's speed.
-    """
-    ops = [_schedules.Op(k, s, t.microbatch, t.kind) for s, rank in enumerate(timings) for k, t in enumerate(rank)]
-    took = {(t.kind, s, t.microbatch): t.end - t.start for s, rank in enumerate(timings) for t in rank}
-    median = {(kind, s): statistics.median(v for (k, r, _), v in took.items() if (k, r) == (kind, s))
-              for kind in "FB" for s in range(len(timings))}
-    replayed = {name: _schedules.step_time(ops, len(timings), duration)
-                for name, duration in [("instant_messages", lambda k, s, j: took[k, s, j]),
-                                       ("steady_ops", lambda k, s, j: median[k, s])]}
-    return {"span": _span(timings), **replayed}
 
 
 def pipeline_train(ctx: RankContext, build: Callable[[], nn.Module], boundaries: Sequence[Boundary],

@@ -200,7 +200,7 @@ def plot_gantt(timings_per_rank, title: str | None = None, path: str | None = No
 
     Drawn like :func:`plot_schedule`, with milliseconds on x, so that plan and measurement sit side by side.
     """
-    from .pipeline import measured_idle_fraction
+    from .bench.pipeline import measured_idle_fraction
 
     p = len(timings_per_rank)
     boxes = [(r, t.start * 1e3, (t.end - t.start) * 1e3, t.kind, t.microbatch)

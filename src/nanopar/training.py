@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -188,37 +187,3 @@ def full_batch_gradients(build: Callable[[], nn.Module], x: torch.Tensor, y: tor
     model = build()
     F.cross_entropy(model(x), y).backward()
     return {n: p.grad for n, p in model.named_parameters()}
-
-
-def timed_steps(ctx: RankContext, build: Callable[[], nn.Module], per_rank_batch: int, impls: tuple[str, ...],
-                rounds: int, steps: int, shape: tuple[int, ...], classes: int,
-                bucket_mb: float = 25.0) -> dict[str, dict[str, list[float]]]:
-    """Worker for ``bench dp``: step and communication times of each implementation,
-    alternating implementations round by round (A B C A B C …) on the same machine."""
-    x, y = make_classification_data(per_rank_batch, shape, classes, seed=ctx.rank)
-    x, y = x.to(ctx.device), y.to(ctx.device)
-    runs = {}
-    for impl in impls:
-        torch.manual_seed(0)
-        model = build().to(ctx.device)
-        if impl == "single":
-            runs[impl] = (model, lambda: None, None)
-        else:
-            wrapped, sync = wrap(model, TrainConfig(impl=impl, bucket_mb=bucket_mb))
-            runs[impl] = (wrapped, sync, wrapped if impl != "ddp" else None)
-    out: dict[str, dict[str, list[float]]] = {impl: {"step_s": [], "comm_s": []} for impl in impls}
-    for r in range(rounds + 1):  # round 0 warms up
-        for impl, (model, sync, ours) in runs.items():
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-            for _ in range(steps):
-                comm0 = ours.comm_seconds if ours else 0.0
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                sync()
-                opt.step()
-                if r:
-                    out[impl]["step_s"].append(time.perf_counter() - t0)
-                    out[impl]["comm_s"].append(ours.comm_seconds - comm0 if ours else float("nan"))
-        ctx.tick()
-    return out

@@ -15,14 +15,14 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bench, models
-from .launch import RankContext, run
-from .model_split import ARTICLE_BOUNDARY, as_blocks, split_points
-from .training import make_classification_data, seeded
+from .. import models
+from ..launch import RankContext, run
+from ..model_split import ARTICLE_BOUNDARY, as_blocks, split_points
+from ..training import make_classification_data, seeded
+from . import common, pipeline
 
 # PyTorch's model-parallel tutorial, ResNet50 on batches of 120 images of 128×128 on two
 # GPUs: mean training time of its benchmark for each setup (its published figures).
@@ -60,10 +60,10 @@ def kernel_efficiency(sizes: Sequence[int] = (1, 2, 4, 8, 16, 32), image: int = 
     cases = {
         "ResNet50": (functools.partial(models.resnet50, 10), (3, image, image)),
         "MLP 4x1024": (functools.partial(models.mlp, 1024, 4, in_features=1024, out_features=10), (1024,)),
-        "conv stack (bench)": (bench.pipe_model, (3, bench.PIPE_SIZE, bench.PIPE_SIZE)),
+        "conv stack (bench)": (pipeline.pipe_model, (3, pipeline.PIPE_SIZE, pipeline.PIPE_SIZE)),
     }
     # Freed memory stays in the ranks, so page faults do not flatter the small batches.
-    return {name: run(per_sample_times, 1, build, shape, 10, sizes, progress=progress, env=bench.KEEP_FREED_MEMORY)[0]
+    return {name: run(per_sample_times, 1, build, shape, 10, sizes, progress=progress, env=common.KEEP_FREED_MEMORY)[0]
             for name, (build, shape) in cases.items()}
 
 
@@ -85,11 +85,11 @@ def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[
     boundaries = split_points([ARTICLE_BOUNDARY], as_blocks(models.resnet50(10)))
     configs = [("single", "naive", 1), ("nanopar", "naive", 1)]
     configs += [("nanopar", "gpipe", batch // s) for s in split_sizes if s < batch]
-    times = run(bench.pipeline_timings, 2, build, boundaries, batch, (3, image, image), 10, configs, rounds,
-                progress=progress, env=bench.KEEP_FREED_MEMORY)  # as in bench pipeline
+    times = run(pipeline.pipeline_timings, 2, build, boundaries, batch, (3, image, image), 10, configs, rounds,
+                progress=progress, env=common.KEEP_FREED_MEMORY)  # as in bench pipeline
     records = []
     for impl, schedule, m in configs:
-        step = statistics.median(bench.slowest_rank([t[impl, schedule, m]["step_s"] for t in times]))
+        step = statistics.median(common.slowest_rank([t[impl, schedule, m]["step_s"] for t in times]))
         setup = "one device" if impl == "single" else "naive split" if schedule == "naive" else "pipelined"
         records.append({"setup": setup, "split_size": batch // m, "microbatches": m, "step_s": step,
                         "batch": batch, "image": image})
