@@ -22,7 +22,9 @@ install: $(STAMP)
 
 book: install
 	@mkdir -p _build
-	sed 's/execute_notebooks: "off"/execute_notebooks: "$(EXECUTE)"/' _config.yml > _build/_config.yml
+# (The copy lives in _build/, and Jupyter Book reads local extension paths relative to it.)
+	sed -e 's/execute_notebooks: "off"/execute_notebooks: "$(EXECUTE)"/' \
+	    -e 's|: book/_ext$$|: $(CURDIR)/book/_ext|' _config.yml > _build/_config.yml
 	$(JB) build . --config _build/_config.yml -W -n --keep-going
 	@echo "The book is built: open file://$(CURDIR)/_build/html/index.html (or run 'make serve')"
 

@@ -3,27 +3,16 @@
 The build uses the same flags as `make book` (-W -n --keep-going): a broken page,
 cross-reference or citation fails here, and so fails `make test` and CI.
 """
+import os
 import pathlib
 import re
-import subprocess
-import sys
+import shutil
 
 import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-JUPYTER_BOOK = pathlib.Path(sys.executable).parent / "jupyter-book"
-
-
-@pytest.fixture(scope="module")
-def html(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("book")
-    proc = subprocess.run(
-        [str(JUPYTER_BOOK), "build", str(ROOT), "-W", "-n", "--keep-going", "--path-output", str(out)],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, "the book does not build cleanly:\n" + (proc.stdout + proc.stderr)[-6000:]
-    return out / "_build" / "html"
+# The `html` fixture (the built book, shared with tests/test_browser.py) is in conftest.py.
 
 
 def toc_files() -> list[str]:
@@ -60,3 +49,18 @@ def test_citations_and_math_render(html):
     refs = (html / "book/references.html").read_text()
     for author in ("Huang", "Shoeybi", "Rajbhandari", "Sergeev", "Li"):
         assert author in refs
+
+
+def test_scripts_and_styles_are_served_by_the_book(html):
+    """Offline reading: MathJax and the widget library are fetched from npm by the build
+    (book/_ext/offline_assets.py) and served from _static/, like every other script."""
+    if shutil.which("npm") is None and os.environ.get("CI") != "true":
+        pytest.skip("npm is not installed, so the build loads MathJax from a CDN (install Node.js)")
+    for page in html.rglob("*.html"):
+        tags = re.findall(r"<(?:script|link)\b[^>]*>", page.read_text())
+        external = [t for t in tags if re.search(r'(?:src|href)="https?://', t)]
+        assert external == [], f"{page.relative_to(html)} loads from the internet"
+    assert 'src="../_static/mathjax/tex-mml-chtml.js' in (html / "book/notation.html").read_text()
+    widgets = (html / "chapters/01_background/memory_and_compute.html").read_text()
+    assert 'src="../../_static/jupyter-widgets/embed.js' in widgets
+    assert (html / "_static/mathjax/output/chtml/fonts/woff-v2").is_dir()

@@ -1,4 +1,4 @@
-"""The book's conventions (DESIGN.md, Notebooks), checked on every notebook."""
+"""The book's conventions (CONTRIBUTING.md, Notebooks and figures), checked on every notebook."""
 import json
 import pathlib
 import re

@@ -102,3 +102,40 @@ def test_describe_training_says_what_fits():
     assert "16 bytes per parameter" in text
     assert "104.3 GiB per device, does not fit" in text
     assert "13.0 GiB per device, fits" in text
+
+
+def test_allreduce_time_by_hand():
+    # Chapter 3's example: 400 MB of fp32 gradients, 8 ranks, 25 GB/s links, 10 us latency.
+    S, N, alpha, beta = 400e6, 8, 10e-6, 25e9
+    # ring: 2*7 = 14 latencies (0.14 ms) and 2*7/8 * 16 ms = 28 ms of bandwidth
+    assert cost.allreduce_time("ring", N, S, alpha, beta) == pytest.approx(0.14e-3 + 28e-3)
+    # tree: ceil(log2 8) = 3 levels up and 3 down, each a whole 16.01 ms message
+    assert cost.allreduce_time("tree", N, S, alpha, beta) == pytest.approx(6 * 16.01e-3)
+    # naive: 7 messages into the root, 7 back out
+    assert cost.allreduce_time("naive", N, S, alpha, beta) == pytest.approx(14 * 16.01e-3)
+    # 5 ranks need ceil(log2 5) = 3 tree levels; one rank has nothing to send
+    assert cost.allreduce_time("tree", 5, 0, 1.0, 1.0) == 6.0
+    assert all(cost.allreduce_time(a, 1, S, alpha, beta) == 0 for a in cost.ALLREDUCE_ALGORITHMS)
+
+
+def test_allreduce_time_trends():
+    times = {a: [cost.allreduce_time(a, n, 1e9, 1e-5, 1e10) for n in (2, 4, 8, 64)] for a in cost.ALLREDUCE_ALGORITHMS}
+    # large messages: the ring's time stays under twice one message's, the others grow with N
+    assert max(times["ring"]) < 2 * (1e-5 + 0.1) < times["tree"][-1] < times["naive"][-1]
+    # small messages are latency-bound: the tree's log2 N latencies beat the ring's N - 1
+    assert cost.allreduce_time("tree", 64, 1e3, 1e-5, 1e10) < cost.allreduce_time("ring", 64, 1e3, 1e-5, 1e10)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("butterfly", 4, 1e6, 1e-5, 1e9), "ring, tree, naive"),
+        (("ring", 0, 1e6, 1e-5, 1e9), "positive integer"),
+        (("ring", 2.5, 1e6, 1e-5, 1e9), "positive integer"),
+        (("ring", 4, -1, 1e-5, 1e9), "cannot be negative"),
+        (("ring", 4, 1e6, 1e-5, 0), "bandwidth_Bps must be > 0"),
+    ],
+)
+def test_allreduce_time_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        cost.allreduce_time(*args)

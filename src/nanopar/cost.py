@@ -1,8 +1,9 @@
-"""Memory and compute models of training (chapter 1).
+"""Memory, compute and communication models of training (chapters 1 and 2).
 
 How many bytes the training state takes per parameter, how many FLOPs a training run
-needs (about 6·N·D), how long that takes on N devices, and a measured training step
-that checks the memory model against the tensors PyTorch really allocates.
+needs (about 6·N·D), how long that takes on N devices, how long an all-reduce takes in
+the α–β model, and a measured training step that checks the memory model against the
+tensors PyTorch really allocates.
 """
 from __future__ import annotations
 
@@ -101,6 +102,38 @@ def training_time_s(
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization is a fraction of peak in (0, 1], got {utilization}")
     return flops / (devices * peak_flops_per_device * utilization)
+
+
+ALLREDUCE_ALGORITHMS = ("ring", "tree", "naive")
+
+
+def allreduce_time(algorithm: str, ranks: int, nbytes: float, alpha_s: float, bandwidth_Bps: float) -> float:
+    """Seconds to all-reduce ``nbytes`` over ``ranks`` ranks in the α–β model (chapter 2).
+
+    One message of S bytes costs α + S/β (``alpha_s`` = α, ``bandwidth_Bps`` = β). For N ranks:
+
+    * ``"ring"``: reduce-scatter then all-gather, 2(N−1) steps of S/N bytes:
+      2(N−1)·α + 2(N−1)/N · S/β;
+    * ``"tree"``: reduce up a binary tree, then broadcast down it, whole messages:
+      2⌈log2 N⌉·(α + S/β);
+    * ``"naive"``: every rank sends to one root, which reduces and sends the sum back to each:
+      2(N−1)·(α + S/β).
+
+    The ring's bandwidth term barely grows with N; its latency term grows linearly, which
+    is why libraries use trees for small messages.
+    """
+    _check_choice("algorithm", algorithm, ALLREDUCE_ALGORITHMS)
+    if not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+    if nbytes < 0 or alpha_s < 0:
+        raise ValueError(f"nbytes and alpha_s cannot be negative, got {nbytes} and {alpha_s}")
+    _check_positive(bandwidth_Bps=bandwidth_Bps)
+    message = alpha_s + nbytes / bandwidth_Bps
+    if algorithm == "ring":
+        return 2 * (ranks - 1) * alpha_s + 2 * (ranks - 1) / ranks * nbytes / bandwidth_Bps
+    if algorithm == "tree":
+        return 2 * (ranks - 1).bit_length() * message  # bit_length of N-1 is ⌈log2 N⌉
+    return 2 * (ranks - 1) * message
 
 
 def gib(n_bytes: float) -> float:
