@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nanopar import cost
+from nanopar.bench import memory
 from nanopar.models import mlp
 
 
@@ -53,8 +54,8 @@ def test_training_time_and_units():
         (lambda: cost.training_flops(10, 0), "n_tokens must be > 0"),
         (lambda: cost.training_time_s(1e9, devices=0), "devices must be > 0"),
         (lambda: cost.training_time_s(1e9, utilization=1.5), r"\(0, 1\]"),
-        (lambda: cost.measure_training_step(8, 2, 4, optimizer="lbfgs"), "sgd, momentum, adam"),
-        (lambda: cost.measure_training_step(8, 2, 0), "batch must be > 0"),
+        (lambda: memory.measure_training_step(8, 2, 4, optimizer="lbfgs"), "sgd, momentum, adam"),
+        (lambda: memory.measure_training_step(8, 2, 0), "batch must be > 0"),
         (lambda: mlp(0, 2), "width"),
     ],
 )
@@ -72,7 +73,7 @@ def test_mlp_shapes():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 def test_measured_bytes_equal_the_formula(optimizer):
-    m = cost.measure_training_step(width=64, depth=3, batch=8, steps=2, optimizer=optimizer)
+    m = memory.measure_training_step(width=64, depth=3, batch=8, steps=2, optimizer=optimizer)
     assert m.params == sum(p.numel() for p in mlp(64, 3).parameters())
     expected = cost.bytes_per_param("fp32", optimizer)
     assert (m.weight_bytes, m.grad_bytes, m.optimizer_bytes) == (

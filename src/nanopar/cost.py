@@ -2,18 +2,14 @@
 
 How many bytes the training state takes per parameter, how many FLOPs a training run
 needs (about 6·N·D), how long that takes on N devices, how long an all-reduce takes in
-the α–β model, and a measured training step that checks the memory model against the
-tensors PyTorch really allocates.
+the α–β model. ``nanopar.bench.memory`` checks the memory model against the tensors
+PyTorch really allocates.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
-import torch
 
-from .models import mlp
 
 PRECISIONS = ("fp32", "mixed")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -27,12 +23,14 @@ A100_MEMORY_GIB = 80.0
 DEFAULT_UTILIZATION = 0.4
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """A clear error when ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _check_positive(**values: float) -> None:
+def check_positive(**values: float) -> None:
+    """A clear error naming each value that is not positive."""
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -61,8 +59,8 @@ def bytes_per_param(precision: str = "fp32", optimizer: str = "adam") -> BytesPe
     mixed-precision Adam takes 2 + 2 + (4 + 4 + 4) = 16 bytes, as in the ZeRO paper.
     Activations come on top and are not counted.
     """
-    _check_choice("precision", precision, PRECISIONS)
-    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
     states = 4 * _OPTIMIZER_STATES[optimizer]
     if precision == "fp32":
         return BytesPerParam(weights=4, grads=4, optimizer=states)
@@ -71,7 +69,7 @@ def bytes_per_param(precision: str = "fp32", optimizer: str = "adam") -> BytesPe
 
 def training_memory_bytes(n_params: float, precision: str = "fp32", optimizer: str = "adam") -> float:
     """Bytes of training state (weights, gradients, optimizer) for a model, without activations (chapter 1)."""
-    _check_positive(n_params=n_params)
+    check_positive(n_params=n_params)
     return n_params * bytes_per_param(precision, optimizer).total
 
 
@@ -83,7 +81,7 @@ def training_flops(n_params: float, n_tokens: float) -> float:
     both the activations and the weights. Attention over the context and recomputation
     are left out; for large models they are small (Kaplan et al. 2020).
     """
-    _check_positive(n_params=n_params, n_tokens=n_tokens)
+    check_positive(n_params=n_params, n_tokens=n_tokens)
     return 6.0 * n_params * n_tokens
 
 
@@ -98,7 +96,7 @@ def training_time_s(
     Assumes the work divides perfectly among the devices: the rest of the book is about
     how close parallel training gets to that.
     """
-    _check_positive(flops=flops, devices=devices, peak_flops_per_device=peak_flops_per_device)
+    check_positive(flops=flops, devices=devices, peak_flops_per_device=peak_flops_per_device)
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization is a fraction of peak in (0, 1], got {utilization}")
     return flops / (devices * peak_flops_per_device * utilization)
@@ -122,12 +120,12 @@ def allreduce_time(algorithm: str, ranks: int, nbytes: float, alpha_s: float, ba
     The ring's bandwidth term barely grows with N; its latency term grows linearly, which
     is why libraries use trees for small messages.
     """
-    _check_choice("algorithm", algorithm, ALLREDUCE_ALGORITHMS)
+    check_choice("algorithm", algorithm, ALLREDUCE_ALGORITHMS)
     if not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
     if nbytes < 0 or alpha_s < 0:
         raise ValueError(f"nbytes and alpha_s cannot be negative, got {nbytes} and {alpha_s}")
-    _check_positive(bandwidth_Bps=bandwidth_Bps)
+    check_positive(bandwidth_Bps=bandwidth_Bps)
     message = alpha_s + nbytes / bandwidth_Bps
     if algorithm == "ring":
         return 2 * (ranks - 1) * alpha_s + 2 * (ranks - 1) / ranks * nbytes / bandwidth_Bps
@@ -253,87 +251,3 @@ def describe_training(
         f"time on {devices} devices at {peak_tflops:g} TFLOP/s peak and {utilization:.0%} utilization: "
         f"{days(seconds):,.1f} days",
     ])
-
-
-@dataclass(frozen=True)
-class StepMeasurement:
-    """Measured training state and speed of one model (chapter 1)."""
-
-    width: int
-    depth: int
-    batch: int
-    optimizer: str
-    params: int
-    weight_bytes: int
-    grad_bytes: int
-    optimizer_bytes: int
-    # Optimizer state that is not per parameter, e.g. Adam's scalar step counter per tensor.
-    bookkeeping_bytes: int
-    # Median, fastest and slowest step: the range shows how noisy the machine was.
-    step_s: float
-    step_s_min: float
-    step_s_max: float
-    flops_per_s: float
-
-    @property
-    def state_bytes(self) -> int:
-        """Weights + gradients + per-parameter optimizer state, comparable with the formula."""
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
-
-
-def measure_training_step(
-    width: int, depth: int, batch: int, steps: int = 5, optimizer: str = "adam"
-) -> StepMeasurement:
-    """Train an fp32 :func:`~nanopar.models.mlp` for a few steps on random data and measure it (chapter 1).
-
-    Bytes are summed from the tensors themselves (parameters, their ``.grad``, the
-    optimizer's state), so they can be checked against :func:`bytes_per_param`. The step
-    time is the median (and range) over ``steps`` steps after one untimed warm-up step;
-    achieved FLOP/s counts 6 · params · batch per median step. Runs in this process with
-    torch's current thread count; :func:`measure_growth` runs it in a clean rank.
-    """
-    _check_choice("optimizer", optimizer, OPTIMIZERS)
-    _check_positive(batch=batch, steps=steps)
-    model = mlp(width, depth)
-    params = list(model.parameters())
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=1e-3)
-    else:
-        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9 if optimizer == "momentum" else 0.0)
-    x, y = torch.randn(batch, width), torch.randn(batch, width)
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    # The first step allocates gradients and optimizer state, so it is not timed.
-    times = times[1:]
-    step_s = statistics.median(times)
-    state = [(t, p) for p in params for t in opt.state.get(p, {}).values() if torch.is_tensor(t)]
-    n_params = sum(p.numel() for p in params)
-    return StepMeasurement(
-        width, depth, batch, optimizer, n_params,
-        weight_bytes=sum(p.nbytes for p in params),
-        grad_bytes=sum(p.grad.nbytes for p in params),
-        optimizer_bytes=sum(t.nbytes for t, p in state if t.shape == p.shape),
-        bookkeeping_bytes=sum(t.nbytes for t, p in state if t.shape != p.shape),
-        step_s=step_s,
-        step_s_min=min(times),
-        step_s_max=max(times),
-        flops_per_s=6 * n_params * batch / step_s,
-    )
-
-
-def measure_growth(ctx, widths: list[int], depth: int, batch: int, steps: int = 5) -> list[StepMeasurement]:
-    """Worker: :func:`measure_training_step` for each width, in one single-thread rank (chapter 1).
-
-    Run it as ``launch.run(measure_growth, 1, …)``: a fresh process with one thread
-    times more steadily than a notebook kernel whose threads share the machine.
-    """
-    runs = []
-    for width in widths:
-        runs.append(measure_training_step(width, depth, batch, steps))
-        ctx.tick()
-    return runs
