@@ -4,6 +4,7 @@ import torch
 
 from nanopar import devices
 from nanopar.launch import rank_device, resolve_backend
+from nanopar.torchrun import torchrun_backend
 
 
 @pytest.mark.parametrize("gpus, tier", [(0, "cpu"), (1, "one-gpu"), (2, "multi-gpu"), (8, "multi-gpu")])
@@ -12,8 +13,17 @@ def test_tier(gpus, tier):
     assert devices.describe(gpus).startswith(f"tier: {tier}")
 
 
+def test_a_faked_gpu_count_names_no_devices(monkeypatch):
+    # On a machine with one GPU, asking about eight must not look up devices 1 to 7.
+    monkeypatch.setattr(devices, "gpu_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["the GPU"][i])
+    assert devices.describe(8).endswith("8 GPU(s)")
+    assert devices.describe().endswith("1 GPU(s) (the GPU)")
+
+
 def test_negative_gpu_count_is_an_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gpu count must be >= 0, got -1"):
         devices.detect_tier(-1)
 
 
@@ -32,7 +42,7 @@ def test_fewer_devices_than_stages_falls_back_and_says_so(gpus, expected):
 def test_fallback_can_be_refused():
     with pytest.raises(ValueError, match="2 stages need 2 GPUs but 1 visible"):
         devices.stage_devices(2, gpus=1, allow_fallback=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need at least one stage, got 0"):
         devices.stage_devices(0)
 
 
@@ -52,8 +62,19 @@ def test_bad_backend_requests():
         resolve_backend("mpi", 2, gpus=0)
 
 
-def test_info_names_tier_versions_and_backends():
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_torchrun_backend_is_the_same_on_every_rank_of_a_machine(local_rank):
+    env = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": local_rank}
+    assert torchrun_backend("auto", env, gpus=1) == "gloo"  # two ranks cannot share one GPU under NCCL
+    assert torchrun_backend("auto", env, gpus=2) == ("nccl" if torch.distributed.is_nccl_available() else "gloo")
+    assert torchrun_backend("gloo", env, gpus=2) == "gloo"
+    with pytest.raises(ValueError, match="2 ranks asked for, 1 GPU"):
+        torchrun_backend("nccl", env, gpus=1)
+
+
+def test_info_names_tier_versions_and_backends(monkeypatch):
+    monkeypatch.setattr(devices, "gpu_count", lambda: 0)
     info = devices.info()
-    assert info["tier"] == devices.detect_tier()
+    assert (info["tier"], info["gpus"]) == ("cpu", [])
     assert info["torch"] == torch.__version__
-    assert info["backends"]["gloo"] is True
+    assert info["backends"] == {"gloo": True, "nccl": False}

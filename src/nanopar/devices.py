@@ -8,6 +8,9 @@ Every notebook and command picks its tier at run time and says which it picked
   gloo ranks on the CPU.
 * ``multi-gpu``: several GPUs. NCCL, one rank per GPU; k stages use cuda:0 … cuda:k-1.
 
+:func:`resolve_backend` turns a backend request (``"auto"``, ``"gloo"``, ``"nccl"``) into
+the backend that ranks use on this machine.
+
 ``gpu_count`` arguments exist so that tests (and curious readers) can ask what would
 happen on another machine without owning it.
 """
@@ -33,6 +36,28 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def resolve_backend(backend: str, ranks_here: int, gpus: int | None = None) -> str:
+    """``"auto"`` → NCCL when each of the ``ranks_here`` ranks on this machine can have its own
+    GPU, else gloo on the CPU; ``"nccl"`` with too few GPUs is an error (book: chapter 2)."""
+    if ranks_here < 1:
+        raise ValueError(f"world_size must be at least 1, got {ranks_here}")
+    gpus = gpu_count() if gpus is None else gpus
+    if backend == "auto":
+        import torch.distributed as dist
+
+        return "nccl" if gpus >= ranks_here and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        if gpus < ranks_here:
+            raise ValueError(
+                f"NCCL needs one GPU per rank: {ranks_here} ranks asked for, {gpus} GPU(s) visible. "
+                "Use backend='gloo' (CPU ranks) or at most as many ranks as GPUs."
+            )
+        return backend
+    if backend == "gloo":
+        return backend
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'gloo' or 'nccl'")
+
+
 def detect_tier(gpus: int | None = None) -> str:
     """The hardware tier: ``"cpu"``, ``"one-gpu"`` or ``"multi-gpu"`` (book: Setting up)."""
     gpus = gpu_count() if gpus is None else gpus
@@ -51,10 +76,11 @@ def cpu_cores() -> int:
 
 def describe(gpus: int | None = None) -> str:
     """One line naming the tier, for the first cell of every notebook."""
-    gpus = gpu_count() if gpus is None else gpus
+    real = gpu_count()
+    gpus = real if gpus is None else gpus
     tier = detect_tier(gpus)
     names = ""
-    if gpus and torch.cuda.is_available():
+    if gpus and gpus == real:  # a faked count names no devices (they may not exist)
         names = " (" + ", ".join(torch.cuda.get_device_name(i) for i in range(gpus)) + ")"
     return f"tier: {tier} — {_TIER_WORDS[tier]}; {cpu_cores()} CPU cores, {gpus} GPU(s){names}"
 
