@@ -6,60 +6,89 @@ same step. The rungs differ only in *when* and *how* that average is communicate
 
 1. :class:`NaiveDataParallel`: after backward, one all-reduce per parameter tensor.
 2. :class:`BucketedDataParallel`: gradients are packed into buckets (25 MB by default, as
-   DDP) and each bucket is all-reduced asynchronously as soon as its last gradient is
-   ready, while backward is still computing the rest (autograd hooks).
+   DDP; ``nanopar.buckets``) and each bucket is all-reduced asynchronously as soon as all
+   its gradients are ready, while backward is still computing the rest (autograd hooks).
 3. Gradient accumulation: ``with model.no_sync(): loss.backward()`` for k−1 micro-steps,
    then a normal step: one communication for k micro-batches (DDP's ``no_sync``).
 
-Usage, on every rank (inside a worker started by ``nanopar.launch.run``):
+Usage, on every rank of ``group`` (inside a worker started by ``nanopar.launch.run``):
 
-    model = BucketedDataParallel(net)        # broadcasts rank 0's weights to all ranks
+    model = BucketedDataParallel(net, group=group)  # the group's first rank's weights everywhere
     loss_fn(model(x_shard), y_shard).backward()
-    model.sync_gradients()                   # p.grad is now the average over ranks
+    model.sync_gradients()                   # p.grad is now the average over the group
     optimizer.step(); optimizer.zero_grad()
+
+The rules of a step (the backward passes between two ``sync_gradients()`` calls), the same
+for both wrappers: at most one backward outside ``no_sync()`` (the last; a second one raises),
+and a parameter is *unused* when its ``.grad`` is None at ``sync_gradients()``, i.e. no
+backward since ``zero_grad()`` reached it. Unused parameters are an error on every rank
+at once, naming them, unless ``find_unused_parameters=True`` averages zeros for them.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .buckets import Bucket, assign_buckets, bucket_cap_bytes
+from .comm import all_gather_single
 
-def broadcast_parameters(module: nn.Module, src: int = 0, group=None) -> None:
-    """Copy rank ``src``'s parameters and buffers to every rank (chapter 4.1)."""
+
+def _global_rank(group, group_rank: int) -> int:
+    return dist.get_global_rank(group or dist.group.WORLD, group_rank)
+
+
+def broadcast_parameters(module: nn.Module, group=None) -> None:
+    """Copy the parameters and buffers of the group's first rank to every rank of ``group`` (chapter 4.1)."""
+    src = _global_rank(group, 0)
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=src, group=group)
 
 
-def check_same_parameters(module: nn.Module, group=None) -> None:
-    """Raise on every rank if any rank's parameters or buffers differ from rank 0's.
+def check_same_parameters(module: nn.Module, group=None, after_step: int | None = None) -> None:
+    """Raise on every rank of ``group`` if any replica differs from the group's first rank's (chapter 4.1).
 
     Compares a fingerprint (float64 sum and sum of squares of every tensor), so it costs
-    one small all-gather, not a copy of the model.
+    one small all-gather, not a copy of the model. At start-up (``after_step=None``) the
+    buffers are compared too; during training only the parameters, because BatchNorm
+    statistics stay per rank unless synchronised.
     """
-    names, tensors = zip(*[*module.named_parameters(), *module.named_buffers()])
-    mine = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
-                        for t in tensors]).flatten().cpu()
+    named = [*module.named_parameters(), *(module.named_buffers() if after_step is None else [])]
+    if not named:
+        return
+    names, tensors = zip(*named)
+    device = tensors[0].device  # NCCL gathers GPU tensors only
+    mine = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]).to(device)
+                        for t in tensors]).flatten()
     n = dist.get_world_size(group)
-    every = [torch.empty_like(mine) for _ in range(n)]
-    dist.all_gather(every, mine, group=group)
-    for rank in range(1, n):
-        differs = (every[rank] != every[0]).view(-1, 2).any(dim=1)
+    every = torch.empty(n * mine.numel(), dtype=mine.dtype, device=device)
+    all_gather_single(every, mine, group=group)
+    every = every.view(n, -1, 2).cpu()
+    for r in range(1, n):
+        differs = (every[r] != every[0]).any(dim=1)
         if differs.any():
-            first = names[int(differs.nonzero()[0])]
+            rank, first = _global_rank(group, r), _global_rank(group, 0)
+            where = (f"first: {names[int(differs.nonzero()[0])]!r}, "
+                     f"{int(differs.sum())} of {len(names)} tensors differ")
+            if after_step is None:
+                raise ValueError(
+                    f"rank {rank} starts from different parameters than rank {first} ({where}). Data "
+                    "parallelism needs identical replicas: keep broadcast=True, or seed every rank the "
+                    "same before building the model.")
             raise ValueError(
-                f"rank {rank} starts from different parameters than rank 0 (first: {first!r}, "
-                f"{int(differs.sum())} tensors differ). Data parallelism needs identical replicas: "
-                "keep broadcast=True, or seed every rank the same before building the model.")
+                f"after step {after_step}, rank {rank}'s replica differs from rank {first}'s ({where}): "
+                "some step's gradients were not averaged over the ranks, or a rank changed its "
+                "parameters alone. Call sync_gradients() after the last backward of every step, "
+                "outside no_sync(), and step the optimizer on every rank.")
 
 
 class _DataParallel(nn.Module):
-    """What every rung shares: the replica, its process group, the start-up checks."""
+    """What every rung shares: the replica, its group, the start-up checks, the rules of a step."""
 
     def __init__(self, module: nn.Module, group=None, broadcast: bool = True,
                  find_unused_parameters: bool = False):
@@ -70,9 +99,13 @@ class _DataParallel(nn.Module):
         self.comm_seconds = 0.0  # time the caller spent blocked on communication
         self._sync_enabled = True
         self._params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self._name_of = {id(p): name for name, p in self._params}
+        self._ready: set[int] = set()  # parameters whose gradient arrived outside no_sync this step
         if broadcast:
             broadcast_parameters(module, group=group)
         check_same_parameters(module, group)
+        for _, p in self._params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -86,20 +119,46 @@ class _DataParallel(nn.Module):
         finally:
             self._sync_enabled = True
 
-    def _zero_fill(self, missing: list[tuple[str, torch.Tensor]]) -> None:
-        """Parameters that got no gradient this step: an error, or zeros when allowed."""
-        if missing and not self.find_unused_parameters:
-            names = [name for name, _ in missing]
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        # Autograd calls this once per backward, after p.grad has been accumulated.
+        if self._sync_enabled:
+            self._mark_ready(p)
+
+    def _mark_ready(self, p: torch.Tensor) -> None:
+        if id(p) in self._ready:
             raise RuntimeError(
-                f"{len(names)} parameter(s) got no gradient this step: {names[:5]}. If the model "
-                "really skips them (e.g. a branch not taken), pass find_unused_parameters=True to "
-                "average zeros for them, as DDP does; otherwise, check that the loss uses them.")
-        for _, p in missing:
-            p.grad = torch.zeros_like(p)
+                f"parameter {self._name_of[id(p)]!r} got a second gradient in one step outside no_sync(): "
+                "a step may run only one backward outside no_sync(), the last. To accumulate several "
+                "backward passes, run all but the last inside `with model.no_sync():`, then call "
+                "sync_gradients() once.")
+        self._ready.add(id(p))
 
     def _check_not_in_no_sync(self) -> None:
         if not self._sync_enabled:
             raise RuntimeError("sync_gradients() inside no_sync(): call it after the last micro-step")
+
+    def _unused(self) -> list[bool]:
+        return [p.grad is None for _, p in self._params]
+
+    def _agree_on_unused(self, unused: list[bool]) -> None:
+        """Raise on every rank, naming parameters and ranks, if any rank has an unused parameter.
+
+        Every rank calls this at the same point of its sequence of collectives. With
+        ``find_unused_parameters`` there is nothing to agree on: zeros are averaged.
+        """
+        if self.find_unused_parameters or not self._params:
+            return
+        mine = torch.tensor(unused, dtype=torch.uint8, device=self._params[0][1].device)
+        every = torch.empty(self.world_size * mine.numel(), dtype=mine.dtype, device=mine.device)
+        all_gather_single(every, mine, group=self.group)
+        rows = every.view(self.world_size, -1).cpu().tolist()
+        where = [f"rank {_global_rank(self.group, r)}: {names[:5]}" + (" …" if len(names) > 5 else "")
+                 for r, row in enumerate(rows) if (names := [n for (n, _), m in zip(self._params, row) if m])]
+        if where:
+            raise RuntimeError(
+                f"parameters got no gradient in this step ({'; '.join(where)}). If the model really skips them "
+                "(e.g. a branch not taken), pass find_unused_parameters=True to average zeros for them, "
+                "as DDP does; otherwise check that the loss uses them on every rank.")
 
 
 class NaiveDataParallel(_DataParallel):
@@ -108,98 +167,87 @@ class NaiveDataParallel(_DataParallel):
     def sync_gradients(self) -> None:
         """Average ``p.grad`` over ranks, one blocking all-reduce per parameter."""
         self._check_not_in_no_sync()
-        self._zero_fill([(n, p) for n, p in self._params if p.grad is None])
+        self._ready.clear()
         t0 = time.perf_counter()
+        self._agree_on_unused(self._unused())  # before any gradient moves: every rank raises, or none
         for _, p in self._params:
+            if p.grad is None:  # unused, and find_unused_parameters allows it
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=self.group)
             p.grad.div_(self.world_size)
         self.comm_seconds += time.perf_counter() - t0
 
 
-def assign_buckets(sizes_bytes: list[int], cap_bytes: int) -> list[list[int]]:
-    """Group tensors, in the given order, into buckets of at most ``cap_bytes`` each.
-
-    A tensor larger than the cap gets a bucket of its own. Pure, so it is tested
-    without processes; DDP's ``bucket_cap_mb`` plays the same role.
-    """
-    if cap_bytes <= 0:
-        raise ValueError(f"the bucket size must be positive, got {cap_bytes} bytes")
-    buckets: list[list[int]] = []
-    filled = cap_bytes  # forces a new bucket for the first tensor
-    for i, size in enumerate(sizes_bytes):
-        if filled + size > cap_bytes and filled > 0:
-            buckets.append([])
-            filled = 0
-        buckets[-1].append(i)
-        filled += size
-    return buckets
-
-
 class BucketedDataParallel(_DataParallel):
     """Rung 2: bucketed, overlapped gradient all-reduce, as DDP does it (chapter 4.1).
 
-    Parameters are bucketed in reverse registration order, roughly the order in which
-    backward produces their gradients. When a bucket's last gradient arrives, its
-    gradients are copied (pre-divided by N) into one flat buffer and all-reduced
-    asynchronously; buckets are launched strictly in order so that every rank issues
-    the same sequence of collectives. ``sync_gradients`` waits, then points each ``.grad``
-    at its averaged slice of the bucket, without copying.
+    Parameters are bucketed by dtype and device, first in reverse registration order
+    (roughly the order in which backward produces their gradients), then, after the
+    first step, in the order in which their gradients actually arrived (DDP rebuilds its
+    buckets the same way), taken from the group's first rank so that every rank agrees.
+    A bucket is launched when each of its parameters has its gradient, and buckets are
+    launched strictly in order, so that every rank issues the same sequence of collectives.
+    ``sync_gradients`` launches what backward did not (gradients accumulated inside
+    ``no_sync``), waits, and points each ``.grad`` at its averaged slice of its bucket.
     """
 
-    def __init__(self, module: nn.Module, bucket_mb: float = 25.0, group=None, broadcast: bool = True,
+    def __init__(self, module: nn.Module, bucket_cap_mb: float = 25.0, group=None, broadcast: bool = True,
                  find_unused_parameters: bool = False):
-        if not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be a positive number of megabytes (DDP uses 25), got {bucket_mb}")
+        self._cap_bytes = bucket_cap_bytes(bucket_cap_mb)
         super().__init__(module, group, broadcast, find_unused_parameters)
-        order = self._params[::-1]
-        groups = assign_buckets([p.numel() * p.element_size() for _, p in order], int(bucket_mb * 2**20))
-        self.buckets = [[order[i] for i in g] for g in groups]
-        self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for _, p in bucket}
-        self._buffers = [torch.empty(sum(p.numel() for _, p in bucket), dtype=bucket[0][1].dtype,
-                                     device=bucket[0][1].device) for bucket in self.buckets]
-        for _, p in self._params:
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self._reset()
+        self._arrival: dict[int, None] | None = {}  # first step: gradients in order of arrival
+        self._build_buckets(self._params[::-1])
 
-    def _reset(self) -> None:
-        self._arrived: set[int] = set()  # ids of the parameters whose gradient is ready this step
-        self._ready = [0] * len(self.buckets)
-        self._works: list = []
+    def _build_buckets(self, order: list[tuple[str, nn.Parameter]]) -> None:
+        groups = assign_buckets([p.numel() * p.element_size() for _, p in order], self._cap_bytes,
+                                keys=[(p.dtype, p.device) for _, p in order])
+        self.buckets = [Bucket([order[i] for i in g]) for g in groups]
+        self._bucket_of = {id(p): bucket for bucket in self.buckets for p in bucket.params}
+        self._launched = 0  # buckets 0 … _launched−1 are in flight
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
-        if not self._sync_enabled:
-            return
-        self._arrived.add(id(p))
-        self._ready[self._bucket_of[id(p)]] += 1
-        self._launch_ready_buckets()
+        if self._arrival is not None:
+            self._arrival.setdefault(id(p))
+        super()._on_grad_ready(p)
 
-    def _launch_ready_buckets(self) -> None:
+    def _mark_ready(self, p: torch.Tensor) -> None:
+        super()._mark_ready(p)
+        self._bucket_of[id(p)].mark_ready(p)
+        self._launch_full_buckets()
+
+    def _launch_full_buckets(self) -> None:
         # In order only: bucket b goes after buckets 0 … b−1, on every rank alike.
-        while len(self._works) < len(self.buckets):
-            b = len(self._works)
-            if self._ready[b] < len(self.buckets[b]):
-                return
-            flat, offset = self._buffers[b], 0
-            for _, p in self.buckets[b]:  # pack and pre-divide by N in one pass, as DDP does
-                torch.div(p.grad.view(-1), self.world_size, out=flat[offset: offset + p.numel()])
-                offset += p.numel()
-            self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
+        while self._launched < len(self.buckets) and self.buckets[self._launched].full:
+            self.buckets[self._launched].launch(self.world_size, self.group)
+            self._launched += 1
 
     def sync_gradients(self) -> None:
         """Wait for every bucket's all-reduce and write the averaged gradients to ``p.grad``."""
         self._check_not_in_no_sync()
-        if len(self._works) < len(self.buckets):  # some gradients never arrived
-            self._zero_fill([(n, p) for bucket in self.buckets[len(self._works):] for n, p in bucket
-                             if id(p) not in self._arrived])
-            self._ready = [len(bucket) for bucket in self.buckets]
-            self._launch_ready_buckets()
+        unused = self._unused()
+        for bucket in self.buckets:  # what backward did not launch: gradients from no_sync, or none
+            for p in bucket.params:
+                bucket.mark_ready(p)
         t0 = time.perf_counter()
-        for work in self._works:
-            work.wait()
+        self._launch_full_buckets()
+        for bucket in self.buckets:
+            bucket.finish()
+        self._launched = 0
+        self._ready.clear()
+        self._agree_on_unused(unused)  # after the same bucket collectives on every rank
+        if self._arrival is not None:
+            self._rebuild_buckets()
         self.comm_seconds += time.perf_counter() - t0
-        for bucket, flat in zip(self.buckets, self._buffers):
-            offset = 0
-            for _, p in bucket:  # the averages stay where they are: .grad becomes a view of the
-                p.grad = flat[offset: offset + p.numel()].view_as(p)  # bucket (DDP's gradient_as_bucket_view)
-                offset += p.numel()
-        self._reset()
+
+    def _rebuild_buckets(self) -> None:
+        # The first rank's arrival order for all: ranks may see gradients arrive in different
+        # orders, yet must launch the same all-reduces in the same order.
+        index = {id(p): i for i, (_, p) in enumerate(self._params)}
+        arrived = [index[i] for i in self._arrival]
+        never = sorted(set(range(len(self._params))) - set(arrived), reverse=True)
+        self._arrival = None
+        if not self._params:
+            return
+        order = torch.tensor(arrived + never, device=self._params[0][1].device)
+        dist.broadcast(order, src=_global_rank(self.group, 0), group=self.group)
+        self._build_buckets([self._params[i] for i in order.tolist()])

@@ -43,6 +43,11 @@ class SyncBatchNorm(_BatchNorm):
         # BatchNorm to float rounding; E[x²] − E[x]² would lose digits.
         sums = all_reduce_with_grad(torch.cat([x.sum(dims), count]), group=self.group)
         total = sums[-1]
+        if total.item() <= 1:  # the same on every rank: the count was summed over the group
+            raise ValueError(
+                f"Expected more than 1 value per channel when training: the global batch over "
+                f"{dist.get_world_size(self.group)} ranks has {total.item():g} (input size {list(x.shape)} "
+                "on this rank). Use a larger batch, or eval() mode.")
         mean = sums[:-1] / total
         centred = x - mean.view(shape)
         var = all_reduce_with_grad(centred.square().sum(dims), group=self.group) / total
@@ -56,7 +61,11 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
-    """Replace every BatchNorm layer by a synchronised one: PyTorch's on GPUs, ours elsewhere."""
+    """Replace every BatchNorm layer by a synchronised one: PyTorch's on GPUs, ours elsewhere (chapter 3.1).
+
+    The new layers keep the old ones' Parameter and buffer objects (an optimizer built
+    before the conversion still updates them), their training flag, dtype and device.
+    """
     on_gpu = any(p.is_cuda for p in module.parameters())
     if on_gpu:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
@@ -67,8 +76,9 @@ def _convert(module: nn.Module, group) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, group)
-        sync.load_state_dict(module.state_dict())
-        return sync
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(sync, name, tensor)
+        return sync.train(module.training)
     for name, child in module.named_children():
         module.add_module(name, _convert(child, group))
     return module

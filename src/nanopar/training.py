@@ -8,6 +8,9 @@ trains on its shard with one of the data-parallel implementations:
 * ``"naive"`` / ``"bucketed"``: ours (``nanopar.data_parallel``);
 * ``"ddp"``: PyTorch's ``DistributedDataParallel``.
 
+Both take an optional process group (a data-parallel group of a larger grid); the
+shards are then split over that group's ranks.
+
 Models are passed as *builders* (an importable function or a ``functools.partial`` of
 one), because each rank must build its own copy.
 """
@@ -19,11 +22,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data_parallel import BucketedDataParallel, NaiveDataParallel
+from .buckets import bucket_cap_bytes
+from .data_parallel import BucketedDataParallel, NaiveDataParallel, check_same_parameters
 from .launch import RankContext
 from .sharding import split_batch
 from .sync_batchnorm import convert_sync_batchnorm
@@ -34,7 +39,13 @@ IMPLS = ("naive", "bucketed", "ddp")
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``global_batch`` samples per optimizer step, over all ranks;
-    with ``accumulate`` = k, each step is k micro-batches of ``global_batch / k``."""
+    with ``accumulate`` = k, each step is k micro-batches of ``global_batch / k``.
+
+    ``check_every`` = k > 0 is a debugging aid: every k steps, the data-parallel loop
+    checks that the replicas are still identical (a fingerprint of the parameters, one
+    small all-gather) and raises on every rank, naming the first tensor that differs,
+    if a step's gradients were not synchronised. 0 (the default) turns it off.
+    """
 
     steps: int = 3
     global_batch: int = 16
@@ -42,10 +53,11 @@ class TrainConfig:
     optimizer: str = "sgd"
     accumulate: int = 1
     impl: str = "bucketed"
-    bucket_mb: float = 25.0
+    bucket_cap_mb: float = 25.0
     sync_batchnorm: bool = False
     find_unused_parameters: bool = False
     seed: int = 0
+    check_every: int = 0
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam"):
@@ -54,6 +66,9 @@ class TrainConfig:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.accumulate < 1 or self.global_batch % self.accumulate:
             raise ValueError(f"accumulate={self.accumulate} must divide global_batch={self.global_batch}")
+        bucket_cap_bytes(self.bucket_cap_mb)
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 0:
+            raise ValueError(f"check_every must be a whole number of steps (0: off), got {self.check_every!r}")
 
 
 def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
@@ -120,17 +135,17 @@ def train_single(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
     return {"state": model.state_dict(), "losses": losses}
 
 
-def wrap(model: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, Callable[[], None]]:
-    """The model wrapped for data parallelism, and what to call after backward."""
+def wrap(model: nn.Module, cfg: TrainConfig, group=None) -> tuple[nn.Module, Callable[[], None]]:
+    """The model wrapped for data parallelism over ``group``, and what to call after backward (chapter 4.1)."""
     if cfg.sync_batchnorm:
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, group)
     if cfg.impl == "ddp":
-        ddp = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_mb, find_unused_parameters=cfg.find_unused_parameters,
-                                      **_ddp_buffers_at_init_only())
+        ddp = DistributedDataParallel(model, process_group=group, bucket_cap_mb=cfg.bucket_cap_mb,
+                                      find_unused_parameters=cfg.find_unused_parameters, **_ddp_buffers_at_init_only())
         return ddp, lambda: None  # DDP synchronises inside backward
     cls = NaiveDataParallel if cfg.impl == "naive" else BucketedDataParallel
-    kwargs = {"bucket_mb": cfg.bucket_mb} if cfg.impl == "bucketed" else {}
-    dp = cls(model, find_unused_parameters=cfg.find_unused_parameters, **kwargs)
+    kwargs = {"bucket_cap_mb": cfg.bucket_cap_mb} if cfg.impl == "bucketed" else {}
+    dp = cls(model, group=group, find_unused_parameters=cfg.find_unused_parameters, **kwargs)
     return dp, dp.sync_gradients
 
 
@@ -142,19 +157,21 @@ def _ddp_buffers_at_init_only() -> dict[str, bool]:
 
 
 def train_data_parallel(ctx: RankContext, build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
-                        cfg: TrainConfig) -> dict[str, Any]:
-    """Worker: train on this rank's shard of every global batch; return the final state.
+                        cfg: TrainConfig, group=None) -> dict[str, Any]:
+    """Worker: train on this rank's shard of every global batch; return the final state (chapter 4.1).
 
-    Each rank gets ``global_batch / N`` samples per step (split evenly, or an error).
-    The losses returned are this rank's; the global loss is their mean over ranks.
+    Each of the N ranks of ``group`` (default: all) gets ``global_batch / N`` samples per
+    step (split evenly, or an error). The losses returned are this rank's; the global
+    loss is their mean over ranks.
     """
     torch.manual_seed(cfg.seed + ctx.rank)  # deliberately different: the broadcast must fix it
-    model, sync = wrap(build().to(ctx.device), cfg)
+    model, sync = wrap(build().to(ctx.device), cfg, group)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
     opt = make_optimizer(cfg, model.parameters())
     losses = []
-    for xb, yb in global_batches(x, y, cfg):
-        xr = split_batch(xb, ctx.rank, ctx.world_size).to(ctx.device)
-        yr = split_batch(yb, ctx.rank, ctx.world_size).to(ctx.device)
+    for step, (xb, yb) in enumerate(global_batches(x, y, cfg), start=1):
+        xr = split_batch(xb, rank, size).to(ctx.device)
+        yr = split_batch(yb, rank, size).to(ctx.device)
         opt.zero_grad()
         total = 0.0
         micro = list(_micro_batches(xr, yr, cfg.accumulate))
@@ -167,16 +184,19 @@ def train_data_parallel(ctx: RankContext, build: Callable[[], nn.Module], x: tor
         sync()
         losses.append(total)
         opt.step()
+        if cfg.check_every and step % cfg.check_every == 0:
+            check_same_parameters(model.module, group, after_step=step)
         ctx.tick()
     inner = model.module
     return {"state": {k: v.cpu() for k, v in inner.state_dict().items()}, "losses": losses}
 
 
 def averaged_gradients(ctx: RankContext, build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
-                       cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Worker: one backward on this rank's shard, then the gradient averaged over ranks."""
-    model, sync = wrap(build().to(ctx.device), replace(cfg, steps=1))
-    xr, yr = split_batch(x, ctx.rank, ctx.world_size), split_batch(y, ctx.rank, ctx.world_size)
+                       cfg: TrainConfig, group=None) -> dict[str, torch.Tensor]:
+    """Worker: one backward on this rank's shard, then the gradient averaged over ``group`` (chapter 3.1)."""
+    model, sync = wrap(build().to(ctx.device), replace(cfg, steps=1), group)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    xr, yr = split_batch(x, rank, size), split_batch(y, rank, size)
     F.cross_entropy(model(xr.to(ctx.device)), yr.to(ctx.device)).backward()
     sync()
     return {n: p.grad.cpu() for n, p in model.module.named_parameters()}
