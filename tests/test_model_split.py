@@ -9,7 +9,7 @@ from torch import nn
 from nanopar import models
 from nanopar.devices import stage_devices
 from nanopar.model_split import (PipelinedSplitModel, SplitModel, article_split, as_blocks, even_split_points,
-                                 resnet50_blocks, split, split_points)
+                                 input_misfit, resnet50_blocks, split, split_points)
 from nanopar.training import make_classification_data, seeded
 
 MLP = functools.partial(seeded, functools.partial(models.mlp, 16, 6, in_features=12, out_features=5))
@@ -145,6 +145,44 @@ def test_mismatched_activation_shapes_between_stages():
         model(torch.randn(4, 12))
     with pytest.raises(ValueError, match=r"stage 0 \(blocks 0, 1\) cannot take the model's input"):
         model(torch.randn(4, 7))
+
+
+class ViewBug(nn.Module):
+    """A block with a bug of its own: its input fits, its reshape does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).view(-1, 3)
+
+
+def test_an_error_inside_a_stage_is_not_blamed_on_the_split():
+    model = SplitModel(split(nn.Sequential(nn.Linear(12, 8), ViewBug()), [1]), [CPU, CPU])
+    with pytest.raises(RuntimeError, match=r"shape '\[-1, 3\]' is invalid for input of size 32") as info:
+        model(torch.randn(4, 12))
+    assert info.type is RuntimeError  # the block's own error, unchanged
+
+
+@pytest.mark.parametrize("stage, shape, misfit", [
+    (nn.Sequential(nn.Linear(6, 5)), (8, 8), "its first Linear layer takes 6 features"),
+    (nn.Sequential(nn.Linear(6, 5)), (8, 3, 6), None),                       # any leading dimensions
+    (nn.Sequential(nn.ReLU(), nn.Dropout(), nn.Linear(6, 5)), (8, 7), "takes 6 features"),  # looked through
+    (nn.Sequential(nn.Conv2d(3, 4, 3)), (2, 5, 8, 8), "first convolution takes 3 channels in 4 dimensions"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3)), (2, 3, 8, 8), None),
+    (nn.Sequential(nn.Conv2d(3, 4, 3)), (3, 8, 8), None),                     # unbatched
+    (nn.Sequential(nn.Conv2d(3, 4, 3)), (2, 3, 8), "in 4 dimensions"),
+    (nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)), (2, 3, 8, 8), "normalisation takes 4 channels"),
+    (nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 2)), (2, 7), "LayerNorm normalises the last dimensions (6,)"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(6, 5)), (8, 2, 3), None),          # reshaped first: cannot tell
+    (nn.Sequential(nn.LazyLinear(5)), (8, 7), None),
+    (models.small_resnet(5).layer2, (2, 64, 8, 8), None),                      # a block: its conv1 comes first
+    (models.small_resnet(5).layer2, (2, 32, 8, 8), "takes 64 channels"),
+])
+def test_input_misfit_compares_shapes_with_the_first_layers(stage, shape, misfit):
+    got = input_misfit(stage, shape)
+    assert got is None if misfit is None else misfit in got
 
 
 def test_other_bad_input():

@@ -53,6 +53,16 @@ def test_in_flight_micro_batches_gpipe_m_and_1f1b_at_most_p_minus_stage(p, m):
         assert peak_in_flight(naive(p, m), s) == 1
 
 
+@pytest.mark.parametrize("p, m", SIZES)
+def test_speedup_is_the_naive_steps_time_over_the_pipelines(p, m):
+    # The naive split runs the whole batch as one micro-batch, each op m times as long as
+    # one micro-batch's; the pipeline runs m micro-batches of unit ops.
+    naive_time = schedules.step_time(naive(p, 1), p, lambda *_: float(m))
+    for ops in (gpipe(p, m), one_f_one_b(p, m)):
+        assert naive_time / schedules.step_time(ops, p, lambda *_: 1.0) == pytest.approx(schedules.speedup(p, m))
+    assert schedules.speedup(p, m) == pytest.approx(p * (1 - bubble_fraction(p, m)))
+
+
 def test_more_micro_batches_shrink_the_bubble():
     fractions = [bubble_fraction(4, m) for m in (1, 2, 4, 8, 16, 32)]
     assert fractions == sorted(fractions, reverse=True) and fractions[0] == 0.75
@@ -79,10 +89,12 @@ def test_backward_order_across_stages_is_checked():
         validate(ops, 2, 1)
 
 
-@pytest.mark.parametrize("p, m", [(0, 1), (2, 0), (2, -1), (1.5, 2)])
-def test_sizes_must_be_positive_integers(p, m):
-    with pytest.raises(ValueError, match="positive integer"):
-        gpipe(p, m)
+@pytest.mark.parametrize("p, m, what", [(0, 1, "stages"), (2, 0, "micro-batches"), (2, -1, "micro-batches"),
+                                        (1.5, 2, "stages"), (True, 2, "stages")])
+def test_sizes_must_be_positive_integers(p, m, what):
+    for f in (gpipe, one_f_one_b, naive, bubble_fraction, schedules.speedup):
+        with pytest.raises(ValueError, match=f"number of {what} must be a positive integer"):
+            f(p, m)
 
 
 def test_unknown_schedule_names_the_choices():

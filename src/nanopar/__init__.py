@@ -3,16 +3,20 @@
 The package behind the book "Parallel Training of Large Models". Each module is one
 concern and names the chapter that explains it:
 
-* ``devices``  hardware tiers and stage placement (Setting up; chapter 4.2)
-* ``launch``   run a function on N ranks and get their results back (chapter 2)
+* ``devices``  hardware tiers, backend choice and stage placement (Setting up; chapter 4.2)
+* ``launch``   run a function on N ranks and get their results back (chapter 2); with
+               ``rank`` (one rank's side), ``local_ranks`` (ranks as processes here),
+               ``torchrun`` (ranks started by torchrun), ``rank_stacks`` (where a hung
+               rank is) and ``failures`` (which failed rank to blame)
 * ``comm``     collectives helpers and a ring all-reduce from send/recv (chapter 2)
 * ``cost``     memory and compute models of training (chapter 1)
 * ``models``   the models the chapters train, split and shard
-* ``data_parallel``, ``sharding``, ``sync_batchnorm``, ``training``
+* ``data_parallel``, ``buckets``, ``sharding``, ``sync_batchnorm``, ``training``
                data parallelism from scratch, and the loops that check it (chapters 3.1, 4.1)
-* ``model_split``, ``schedules``, ``pipeline``
-               model parallelism: the article's split, pipeline schedules as data, a
-               multi-process pipeline executor (chapters 3.2, 4.2)
+* ``model_split``, ``schedules``, ``p2p``, ``pipeline``, ``pipeline_torch``
+               model parallelism: the article's split, pipeline schedules as data, the
+               stages' messages, a multi-process pipeline executor, and PyTorch's engine
+               on the same stages (chapters 3.2, 4.2)
 * ``bench``    benchmarks behind ``python -m nanopar bench …`` and the analysis of their
                runs: ``collectives``, ``dp``, ``pipeline``, ``microbatching`` (chapters 2, 4)
 * ``plotting`` the book's figures

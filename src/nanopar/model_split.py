@@ -133,17 +133,59 @@ def split(blocks: nn.Module | Blocks, boundaries: Sequence[Boundary],
     return stages
 
 
-def _run_stage(i: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def run_stage(i: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``stage(x)``; when it fails because ``x`` does not fit the stage, an error that says so (chapter 4.2).
+
+    Any other error (out of memory, a bug inside a block) passes through unchanged.
+    """
     try:
         return stage(x)
     except RuntimeError as e:
-        if not any(w in str(e) for w in ("shape", "size", "dimension", "expected input")):
+        misfit = input_misfit(stage, tuple(x.shape))
+        if misfit is None:
             raise
-        raise ValueError(shape_error(i, stage, tuple(x.shape), str(e))) from e
+        raise ValueError(shape_error(i, stage, tuple(x.shape), f"{misfit}; {e}")) from e
+
+
+# Layers that keep their input's shape: the stage's input reaches the layer after them as it is.
+_SHAPE_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU,
+                  nn.Dropout, nn.Identity)
+
+
+def input_misfit(stage: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why a tensor of ``shape`` cannot enter ``stage``, judged by its first layers; None if it can or if unknown.
+
+    Layers are taken in the order they were registered, which is the order they run in
+    for ``nn.Sequential`` stages and for most blocks (torchvision's, a transformer block).
+    The first Linear, convolution or unknown layer ends the search; shape-keeping layers
+    and normalisations (after checking their feature count) are looked through.
+    """
+    for m in stage.modules():
+        if next(m.children(), None) is not None:
+            continue  # a container: its layers follow
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin):
+            return None  # its input size is not fixed yet
+        if isinstance(m, nn.Linear):
+            fits = len(shape) >= 1 and shape[-1] == m.in_features
+            return None if fits else f"its first Linear layer takes {m.in_features} features in the last dimension"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            d = len(m.kernel_size)  # (N, C, *spatial) or unbatched (C, *spatial)
+            channels = shape[1] if len(shape) == d + 2 else shape[0] if len(shape) == d + 1 else None
+            fits = channels == m.in_channels
+            return None if fits else f"its first convolution takes {m.in_channels} channels in {d + 2} dimensions"
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            if len(shape) < 2 or shape[1] != m.num_features:
+                return f"its first normalisation takes {m.num_features} channels in dimension 1"
+        elif isinstance(m, nn.LayerNorm):
+            if tuple(shape[len(shape) - len(m.normalized_shape):]) != tuple(m.normalized_shape):
+                return f"its first LayerNorm normalises the last dimensions {tuple(m.normalized_shape)}"
+        elif not isinstance(m, _SHAPE_KEEPING):
+            return None  # a layer that may change the shape: what follows cannot be judged from here
+    return None
 
 
 def shape_error(i: int, stage: nn.Module, shape: tuple[int, ...], detail: str) -> str:
-    """The message for a stage that cannot take the activation it was given (used by ``pipeline`` too)."""
+    """The message for a stage that cannot take the activation it was given."""
     names = ", ".join(n for n, _ in stage.named_children())
     source = "the model's input" if i == 0 else f"stage {i - 1}'s output"
     return (f"stage {i} (blocks {names}) cannot take {source}, an activation of shape {shape} ({detail}). "
@@ -176,7 +218,7 @@ class SplitModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, (stage, dev) in enumerate(zip(self.stages, self.devices)):
-            x = _run_stage(i, stage, x.to(dev))
+            x = run_stage(i, stage, x.to(dev))
         return x
 
     def unsplit_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -224,7 +266,7 @@ class PipelinedSplitModel(SplitModel):
                 j = t - i
                 if 0 <= j < m:
                     inp = micro[j] if i == 0 else acts[j]
-                    acts[j] = _run_stage(i, self.stages[i], inp.to(self.devices[i]))
+                    acts[j] = run_stage(i, self.stages[i], inp.to(self.devices[i]))
                     if i == k - 1:
                         outs[j], acts[j] = acts[j], None
         return torch.cat(outs)  # type: ignore[arg-type]

@@ -180,13 +180,14 @@ def _draw_ops(ax, boxes: Sequence[tuple[int, float, float, str, int]], stages: i
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="micro-batch #", title_fontsize=7)
 
 
-def plot_schedule(ops, p: int, m: int, title: str | None = None, path: str | None = None):
+def plot_schedule(ops, stages: int, microbatches: int, title: str | None = None, path: str | None = None):
     """A schedule as planned: one box per op, time slots on x, stages on y (chapters 3.2 and 4.2).
 
     ``ops`` is a ``schedules`` list of ``Op``; every op takes one slot.
     """
     from .schedules import idle_fraction
 
+    p, m = stages, microbatches
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.22 * max(o.slot for o in ops)), 0.9 + 0.45 * p))
     _draw_ops(ax, [(o.stage, o.slot, 1.0, o.kind, o.microbatch) for o in ops], p, "time slot")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -196,7 +197,7 @@ def plot_schedule(ops, p: int, m: int, title: str | None = None, path: str | Non
 
 
 def plot_gantt(timings_per_rank, title: str | None = None, path: str | None = None):
-    """A step as measured: ``timings_per_rank[r]`` is rank r's list of ``pipeline.OpTiming`` (chapter 4.2).
+    """A step as measured: ``timings_per_rank[r]`` is rank r's list of ``bench.pipeline.OpTiming`` (chapter 4.2).
 
     Drawn like :func:`plot_schedule`, with milliseconds on x, so that plan and measurement sit side by side.
     """
@@ -214,6 +215,8 @@ def plot_gantt(timings_per_rank, title: str | None = None, path: str | None = No
 
 def plot_pipeline_bench(records: Sequence[dict[str, Any]], path: str | None = None):
     """``bench pipeline``: speed-up over the naive split and the bubble against micro-batches (chapter 4.2)."""
+    from .schedules import bubble_fraction, speedup
+
     stages = sorted({r["stages"] for r in records if r["impl"] != "single"})
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages), 7), squeeze=False)
     styles = {("nanopar", "gpipe"): "-o", ("nanopar", "1f1b"): "-s",
@@ -222,10 +225,10 @@ def plot_pipeline_bench(records: Sequence[dict[str, Any]], path: str | None = No
         top, bottom = axes[0][col], axes[1][col]
         rows = [r for r in records if r["stages"] == p]
         ms = sorted({r["microbatches"] for r in rows})
-        dense = [ms[0] + i * (ms[-1] - ms[0]) / 100 for i in range(101)]
-        top.plot(dense, [p * m / (m + p - 1) for m in dense], color="grey", lw=3, alpha=0.4,
+        every = range(ms[0], ms[-1] + 1)
+        top.plot(every, [speedup(p, m) for m in every], color="grey", lw=3, alpha=0.4,
                  label=f"theory {p}m/(m+{p - 1})")
-        bottom.plot(dense, [(p - 1) / (m + p - 1) for m in dense], color="grey", lw=3, alpha=0.4,
+        bottom.plot(every, [bubble_fraction(p, m) for m in every], color="grey", lw=3, alpha=0.4,
                     label=f"theory {p - 1}/(m+{p - 1})")
         for (impl, sched), style in styles.items():
             pts = sorted((r["microbatches"], r["speedup_vs_naive"], r["bubble_measured"]) for r in rows
@@ -299,7 +302,7 @@ def plot_tutorial(records: Sequence[dict[str, Any]], published: dict[str, float]
     return _finish(fig, path)
 
 
-def plot_handoff_cost(p: int = 2, microbatches: Sequence[int] = (8, 16), backward: float = 2.0,
+def plot_handoff_cost(stages: int = 2, microbatches: Sequence[int] = (8, 16), backward: float = 2.0,
                       latencies: Sequence[float] | None = None, path: str | None = None):
     """Step time against the time one message takes, GPipe beside 1F1B, from ``schedules.timeline`` (chapter 4.2).
 
@@ -313,12 +316,12 @@ def plot_handoff_cost(p: int = 2, microbatches: Sequence[int] = (8, 16), backwar
     cost = lambda kind, s, j: 1.0 if kind == "F" else backward  # noqa: E731
     for m, line in zip(microbatches, ["-", "--", ":"]):
         for name, color in (("gpipe", "C0"), ("1f1b", "C1")):
-            ops = make(name, p, m)
-            span = [step_time(ops, p, cost, c) for c in latencies]
+            ops = make(name, stages, m)
+            span = [step_time(ops, stages, cost, c) for c in latencies]
             ax.plot(latencies, [s / span[0] for s in span], line, color=color, label=f"{name}, m = {m}")
     ax.set_xlabel("time one message takes (units of one micro-batch's forward)")
     ax.set_ylabel("step time / with instant messages")
-    ax.set_title(f"{p} stages, backward = {backward:g} × forward: where a message's time lands", fontsize=10)
+    ax.set_title(f"{stages} stages, backward = {backward:g} × forward: where a message's time lands", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _finish(fig, path)

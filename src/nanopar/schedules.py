@@ -5,7 +5,7 @@ Book: chapter 3.2 (the pipeline bubble) and chapter 4.2 (GPipe and 1F1B in pract
 A schedule is a list of :class:`Op` ``(slot, stage, microbatch, kind)`` with ``kind``
 ``"F"`` (forward) or ``"B"`` (backward), one time slot per op, every op taking one slot.
 The same list is run by ``nanopar.pipeline`` and drawn by the plotting code, so what is
-drawn is what runs. Three schedules, for ``p`` stages and ``m`` micro-batches:
+drawn is what runs. Three schedules, for p ``stages`` and m ``microbatches``:
 
 * :func:`naive`: one micro-batch at a time through every stage, forward then backward:
   only one stage ever works (the article's two-GPU split is ``naive(2, 1)``);
@@ -16,8 +16,8 @@ drawn is what runs. Three schedules, for ``p`` stages and ``m`` micro-batches:
   ``s`` holds at most ``p - s`` micro-batches.
 
     >>> ops = gpipe(2, 3)
-    >>> validate(ops, 2, 3); bubble_fraction(2, 3)
-    0.25
+    >>> validate(ops, 2, 3); bubble_fraction(2, 3), speedup(2, 3)
+    (0.25, 1.5)
 """
 from __future__ import annotations
 
@@ -33,11 +33,10 @@ class Op(NamedTuple):
     kind: str
 
 
-def _check_sizes(p: int, m: int) -> None:
-    if not isinstance(p, int) or p < 1:
-        raise ValueError(f"the number of stages must be a positive integer, got {p!r}")
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"the number of micro-batches must be a positive integer, got {m!r}")
+def _check_sizes(stages: int, microbatches: int) -> None:
+    for what, n in (("stages", stages), ("micro-batches", microbatches)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of {what} must be a positive integer, got {n!r}")
 
 
 def _replay(orders: list[list[tuple[str, int]]], duration: Callable[[str, int, int], float],
@@ -99,19 +98,21 @@ def naive(stages: int, microbatches: int = 1) -> list[Op]:
     return sorted(ops, key=lambda o: (o.slot, o.stage))
 
 
-def gpipe(p: int, m: int) -> list[Op]:
-    """GPipe: every stage runs all ``m`` forwards, then all ``m`` backwards (chapter 3.2)."""
-    _check_sizes(p, m)
-    return _place([[("F", j) for j in range(m)] + [("B", j) for j in range(m)] for _ in range(p)])
+def gpipe(stages: int, microbatches: int) -> list[Op]:
+    """GPipe: every stage runs all m forwards, then all m backwards (chapter 3.2)."""
+    _check_sizes(stages, microbatches)
+    m = microbatches
+    return _place([[("F", j) for j in range(m)] + [("B", j) for j in range(m)] for _ in range(stages)])
 
 
-def one_f_one_b(p: int, m: int) -> list[Op]:
-    """1F1B: stage ``s`` warms up with ``p - s - 1`` forwards, then alternates F and B (chapter 4.2).
+def one_f_one_b(stages: int, microbatches: int) -> list[Op]:
+    """1F1B: stage ``s`` warms up with p − s − 1 forwards, then alternates F and B (chapter 4.2).
 
     A backward frees a micro-batch's activations as soon as possible, so stage ``s``
-    never holds more than ``p - s`` of them, however large ``m`` is.
+    never holds more than p − s of them, however large m is.
     """
-    _check_sizes(p, m)
+    _check_sizes(stages, microbatches)
+    p, m = stages, microbatches
     orders = []
     for s in range(p):
         warmup = min(p - s - 1, m)
@@ -126,21 +127,22 @@ def one_f_one_b(p: int, m: int) -> list[Op]:
 SCHEDULES: dict[str, Callable[[int, int], list[Op]]] = {"naive": naive, "gpipe": gpipe, "1f1b": one_f_one_b}
 
 
-def make(name: str, p: int, m: int) -> list[Op]:
-    """The schedule called ``name`` ("naive", "gpipe" or "1f1b") for ``p`` stages and ``m`` micro-batches."""
+def make(name: str, stages: int, microbatches: int) -> list[Op]:
+    """The schedule called ``name`` ("naive", "gpipe" or "1f1b") for ``stages`` and ``microbatches``."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](p, m)
+    return SCHEDULES[name](stages, microbatches)
 
 
-def validate(schedule: Sequence[Op], p: int, m: int) -> None:
+def validate(schedule: Sequence[Op], stages: int, microbatches: int) -> None:
     """Raise ``ValueError`` unless ``schedule`` is a runnable pipeline schedule.
 
     Every (stage, micro-batch) has exactly one F and one B, F before B; a micro-batch's
     F runs on stage s before stage s+1, its B on stage s+1 before stage s; and a stage
     runs at most one op per slot.
     """
-    _check_sizes(p, m)
+    _check_sizes(stages, microbatches)
+    p, m = stages, microbatches
     at: dict[tuple[str, int, int], int] = {}
     busy: set[tuple[int, int]] = set()
     for op in schedule:
@@ -171,16 +173,29 @@ def stage_ops(schedule: Sequence[Op], stage: int) -> list[Op]:
     return sorted((o for o in schedule if o.stage == stage), key=lambda o: o.slot)
 
 
-def bubble_fraction(p: int, m: int) -> float:
+def bubble_fraction(stages: int, microbatches: int) -> float:
     """Idle fraction of GPipe and 1F1B with equal op times: (p − 1) / (m + p − 1) (chapter 3.2)."""
-    _check_sizes(p, m)
+    _check_sizes(stages, microbatches)
+    p, m = stages, microbatches
     return (p - 1) / (m + p - 1)
 
 
-def idle_fraction(schedule: Sequence[Op], p: int) -> float:
+def speedup(stages: int, microbatches: int) -> float:
+    """GPipe's and 1F1B's speed-up over the naive split with equal op times: p·m / (m + p − 1) (chapter 3.2).
+
+    The naive split runs the batch's forward through one stage after another, p slots of
+    m micro-batches' work; the pipeline overlaps the stages, m + p − 1 slots of one
+    micro-batch's work each (and the same for the backward).
+    """
+    _check_sizes(stages, microbatches)
+    p, m = stages, microbatches
+    return p * m / (m + p - 1)
+
+
+def idle_fraction(schedule: Sequence[Op], stages: int) -> float:
     """Fraction of (stage × slot) cells with no op, counted on the schedule itself."""
     slots = max(o.slot for o in schedule) + 1
-    return 1 - len(schedule) / (p * slots)
+    return 1 - len(schedule) / (stages * slots)
 
 
 def peak_in_flight(schedule: Sequence[Op], stage: int) -> int:
@@ -192,7 +207,7 @@ def peak_in_flight(schedule: Sequence[Op], stage: int) -> int:
     return peak
 
 
-def timeline(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int], float],
+def timeline(schedule: Sequence[Op], stages: int, duration: Callable[[str, int, int], float],
              latency: float = 0.0) -> dict[tuple[str, int, int], tuple[float, float]]:
     """Replay ``schedule`` with real costs: ``(kind, stage, microbatch) -> (start, end)`` (chapter 4.2).
 
@@ -208,11 +223,11 @@ def timeline(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int],
     """
     if latency < 0:
         raise ValueError(f"a message cannot take negative time: latency={latency!r}")
-    orders = [[(o.kind, o.microbatch) for o in stage_ops(schedule, s)] for s in range(p)]
+    orders = [[(o.kind, o.microbatch) for o in stage_ops(schedule, s)] for s in range(stages)]
     return _replay(orders, duration, latency)
 
 
-def step_time(schedule: Sequence[Op], p: int, duration: Callable[[str, int, int], float],
+def step_time(schedule: Sequence[Op], stages: int, duration: Callable[[str, int, int], float],
               latency: float = 0.0) -> float:
-    """When the last op of ``timeline(schedule, p, duration, latency)`` ends: the step's length."""
-    return max(end for _, end in timeline(schedule, p, duration, latency).values())
+    """When the last op of ``timeline(schedule, stages, duration, latency)`` ends: the step's length."""
+    return max(end for _, end in timeline(schedule, stages, duration, latency).values())

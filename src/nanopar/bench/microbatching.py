@@ -63,7 +63,8 @@ def kernel_efficiency(sizes: Sequence[int] = (1, 2, 4, 8, 16, 32), image: int = 
         "conv stack (bench)": (pipeline.pipe_model, (3, pipeline.PIPE_SIZE, pipeline.PIPE_SIZE)),
     }
     # Freed memory stays in the ranks, so page faults do not flatter the small batches.
-    return {name: run(per_sample_times, 1, build, shape, 10, sizes, progress=progress, env=common.KEEP_FREED_MEMORY)[0]
+    return {name: run(per_sample_times, 1, build, shape, 10, sizes, backend="gloo", progress=progress,
+                      env=common.KEEP_FREED_MEMORY)[0]
             for name, (build, shape) in cases.items()}
 
 
@@ -86,7 +87,7 @@ def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[
     configs = [("single", "naive", 1), ("nanopar", "naive", 1)]
     configs += [("nanopar", "gpipe", batch // s) for s in split_sizes if s < batch]
     times = run(pipeline.pipeline_timings, 2, build, boundaries, batch, (3, image, image), 10, configs, rounds,
-                progress=progress, env=common.KEEP_FREED_MEMORY)  # as in bench pipeline
+                backend="gloo", progress=progress, env=common.KEEP_FREED_MEMORY)  # as in bench pipeline
     records = []
     for impl, schedule, m in configs:
         step = statistics.median(common.slowest_rank([t[impl, schedule, m]["step_s"] for t in times]))

@@ -1,24 +1,145 @@
 """``python -m nanopar bench pipeline``: naive split, GPipe and 1F1B, ours and PyTorch's (chapter 4.2),
-and the analysis of a measured pipeline step: its idle fraction and where its time went.
+and how a pipeline step is measured: what each rank records while it runs
+(:class:`StepRecorder`), then the step's idle fraction and where its time went.
 """
 from __future__ import annotations
 
 import functools
 import statistics
 import time
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import devices, schedules
+from .. import devices, pipeline_torch, schedules
 from ..launch import RankContext, run
-from ..model_split import even_split_points, split
-from ..pipeline import OpTiming, check_microbatches, execute
+from ..model_split import Blocks, Boundary, even_split_points
+from ..pipeline import LossFn, Recorder, build_stage, check_microbatches, execute, stage_grads
 from ..training import make_classification_data, seeded
 from .common import KEEP_FREED_MEMORY, slowest_rank
+
+
+@dataclass(frozen=True)
+class OpTiming:
+    """When one op computed, in seconds after the earliest rank's start; ``wait`` was spent receiving.
+
+    The ranks' times are on the wall clock: exact between the ranks of one machine, and
+    across machines as good as their clocks' synchronisation (NTP: about a millisecond).
+    """
+
+    kind: str
+    microbatch: int
+    start: float
+    end: float
+    wait: float
+
+
+def _bytes_held(tensors: dict[int, int], t: torch.Tensor, skip: set[int]) -> None:
+    # Keyed by storage, so a tensor saved twice (a ReLU's output, which is also the next
+    # Linear's input) counts once; sized by the view, because rank 0's micro-batches are
+    # slices of one input tensor.
+    ptr = t.untyped_storage().data_ptr()
+    if ptr not in skip:
+        tensors[ptr] = max(tensors.get(ptr, 0), t.numel() * t.element_size())
+
+
+class StepRecorder(Recorder):
+    """Measures one step of ``pipeline.execute(..., recorder=StepRecorder())`` on this rank (chapter 4.2).
+
+    It starts with a barrier and waits for the device after every op, so that an op's
+    time is its own. :meth:`result` (called on every rank of the pipeline) gives
+    ``timings``, an :class:`OpTiming` per op, and two peaks of memory held for backward,
+    at the moment the most micro-batches were in flight: ``peak_activation_bytes``
+    counts the stage's inputs, outputs and every tensor autograd saved;
+    ``peak_stashed_bytes`` only the inputs and outputs (what crosses the stage boundaries).
+    """
+
+    def start(self, stage: nn.Module, device: torch.device, group: dist.ProcessGroup | None) -> None:
+        # Parameters are also saved by autograd (a Linear keeps its weight), but they are
+        # not activations: leave them out of the count.
+        self.skip = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
+        self.device, self.group = device, group
+        self.timings: list[OpTiming] = []
+        self.saved: dict[int, int] = {}
+        self.bytes: dict[int, tuple[int, int]] = {}  # micro-batch -> (all it holds, its input and output)
+        self.held = self.peak = self.held_io = self.peak_io = 0
+        dist.barrier(group=group)  # start together
+        self.t0, self.wall0 = time.perf_counter(), time.time()
+        self.wait_from = self.begin = self.t0
+
+    def waiting(self) -> None:
+        self.wait_from = time.perf_counter()
+
+    def computing(self) -> None:
+        self.begin = time.perf_counter()
+
+    def saved_tensors(self):
+        self.saved = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            _bytes_held(self.saved, t, self.skip)
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def _done(self, op: schedules.Op) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: the op has ended when they have
+            torch.cuda.synchronize(self.device)
+        self.timings.append(OpTiming(op.kind, op.microbatch, self.begin - self.t0, time.perf_counter() - self.t0,
+                                     self.begin - self.wait_from))
+
+    def forward_done(self, op: schedules.Op, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self._done(op)
+        io: dict[int, int] = {}
+        for t in (inp, out):
+            _bytes_held(self.saved, t, self.skip)
+            _bytes_held(io, t, self.skip)
+        nbytes, io_bytes = self.bytes[op.microbatch] = (sum(self.saved.values()), sum(io.values()))
+        self.held, self.held_io = self.held + nbytes, self.held_io + io_bytes
+        self.peak, self.peak_io = max(self.peak, self.held), max(self.peak_io, self.held_io)
+
+    def backward_done(self, op: schedules.Op) -> None:
+        self._done(op)
+        nbytes, io_bytes = self.bytes.pop(op.microbatch)
+        self.held, self.held_io = self.held - nbytes, self.held_io - io_bytes
+
+    def result(self) -> dict[str, Any]:
+        """``timings``, ``peak_activation_bytes`` and ``peak_stashed_bytes``; a collective over the group."""
+        # The ranks leave the barrier up to a scheduler tick (~4 ms) apart, which would shift
+        # their timings against each other: put them on the wall clock instead (one clock for
+        # all ranks of a machine), counted from the earliest rank's start.
+        origin = torch.tensor([self.wall0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(origin, op=dist.ReduceOp.MIN, group=self.group)
+        shift = self.wall0 - origin.item()
+        return {"timings": [replace(t, start=t.start + shift, end=t.end + shift) for t in self.timings],
+                "peak_activation_bytes": self.peak, "peak_stashed_bytes": self.peak_io}
+
+
+def pipeline_sweep(ctx: RankContext, build: Callable[..., nn.Module | Blocks], boundaries: Sequence[Boundary] | None,
+                   x: torch.Tensor, y: torch.Tensor, configs: Sequence[tuple[str, int]],
+                   loss_fn: LossFn = F.cross_entropy) -> list[dict[str, Any]]:
+    """Worker: a measured pipeline step for each ``(schedule, microbatches)``, in one launch (chapter 4.2).
+
+    ``pipeline.pipeline_step``'s results (gradients, loss), each from fresh gradients,
+    and what :class:`StepRecorder` measured: op timings and peak activation bytes.
+    """
+    for _, m in configs:  # every config, before the first runs
+        check_microbatches(len(x), m)
+    stage = build_stage(build, boundaries, ctx.device)
+    results = []
+    for name, m in configs:
+        stage.zero_grad(set_to_none=True)
+        rec = StepRecorder()
+        loss = execute(stage, schedules.make(name, ctx.world_size, m), x, y, ctx.device, loss_fn=loss_fn, recorder=rec)
+        results.append({"stage": ctx.rank, "schedule": name, "microbatches": m, "grads": stage_grads(stage),
+                        "loss": None if loss is None else loss.item(), **rec.result()})
+        ctx.tick()
+    return results
+
 
 def measured_idle_fraction(timings: Sequence[Sequence[OpTiming]]) -> float:
     """The bubble as measured: 1 − (busy time of all ranks) / (ranks × span of the step) (chapter 4.2).
@@ -55,7 +176,6 @@ def time_budget(timings: Sequence[Sequence[OpTiming]]) -> dict[str, float]:
     return {"span": _span(timings), **replayed}
 
 
-
 # A stack of identical 3×3 convolutions: compute-dense (about 190 GFLOP/s on one thread of
 # our 2-core test machine, as fast per sample at 4 samples per micro-batch as at 128), so that pipelining can pay on
 # CPU ranks, and every stage gets as many blocks. The stem is a 1×1 convolution (3 → 64
@@ -63,6 +183,8 @@ def time_budget(timings: Sequence[Sequence[OpTiming]]) -> dict[str, float]:
 # Stem and head then cost a few % of a stage. Sizes are read when the bench starts.
 PIPE_BLOCKS, PIPE_CHANNELS, PIPE_SIZE, PIPE_BATCH, PIPE_CLASSES = 8, 64, 16, 128, 10
 PIPE_MICROBATCHES = (1, 2, 4, 8, 16)
+
+
 def pipe_model(blocks: int = 8, channels: int = 64, classes: int = 10) -> nn.Sequential:
     """``blocks`` alike blocks, conv 3×3 + ReLU; the first also holds a 1×1 stem, the last the head (chapter 4.2)."""
     seq = [nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()) for _ in range(blocks)]
@@ -71,14 +193,14 @@ def pipe_model(blocks: int = 8, channels: int = 64, classes: int = 10) -> nn.Seq
     return nn.Sequential(*seq)
 
 
-def pipeline_configs(p: int, microbatches: Sequence[int], single: bool = False) -> list[tuple[str, str, int]]:
-    """The ``(impl, schedule, m)`` measured at ``p`` stages; "naive" is the whole batch as one micro-batch."""
+def pipeline_configs(stages: int, microbatches: Sequence[int], single: bool = False) -> list[tuple[str, str, int]]:
+    """The ``(impl, schedule, microbatches)`` measured at ``stages``; "naive" is the whole batch as one micro-batch."""
     configs = [("single", "naive", 1)] if single else []
     for impl in ("nanopar", "torch"):
         configs.append((impl, "naive", 1))  # for torch: ScheduleGPipe with one micro-batch
         configs += [(impl, "gpipe", m) for m in microbatches]
         # torch's Schedule1F1B refuses fewer micro-batches than stages: those are skipped.
-        configs += [(impl, "1f1b", m) for m in microbatches if impl == "nanopar" or m >= p]
+        configs += [(impl, "1f1b", m) for m in microbatches if impl == "nanopar" or m >= stages]
     return configs
 
 
@@ -89,27 +211,30 @@ def pipeline_timings(ctx: RankContext, build: Callable[[], nn.Module], boundarie
 
     A barrier precedes every step, so a step's time is the slowest rank's. "single" is the
     unsplit model on rank 0 alone (one process, one thread) while the other ranks wait.
-    Our executor's op timings and peak activation bytes come back too.
+    What :class:`StepRecorder` measured in our executor comes back too.
     """
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    p, first, last = ctx.world_size, ctx.rank == 0, ctx.rank == ctx.world_size - 1
+    first = ctx.rank == 0
     x, y = make_classification_data(batch, shape, classes)
-    stage = split(seeded(build), boundaries)[ctx.rank]
+    stage = build_stage(functools.partial(seeded, build), boundaries, ctx.device)
     whole = seeded(build) if first else None
-    runners = {}
+
+    def single() -> None:
+        if first:
+            F.cross_entropy(whole(x), y).backward()
+
+    def ours(ops: list[schedules.Op]) -> StepRecorder:
+        rec = StepRecorder()
+        execute(stage, ops, x, y, ctx.device, recorder=rec)
+        return rec
+    runners: dict[tuple, tuple[nn.Module | None, Callable[[], Any]]] = {}
     for impl, name, m in configs:
         if impl == "single":
-            step = (lambda: F.cross_entropy(whole(x), y).backward()) if first else (lambda: None)
-            runners[impl, name, m] = (whole, step)
+            runners[impl, name, m] = (whole, single)
         elif impl == "nanopar":
-            ops = schedules.make(name, p, m)
-            runners[impl, name, m] = (stage, lambda ops=ops, m=m: execute(stage, ctx.rank, p, ops, x, y, m, ctx.device))
+            runners[impl, name, m] = (stage, functools.partial(ours, schedules.make(name, ctx.world_size, m)))
         else:
-            cls = Schedule1F1B if name == "1f1b" else ScheduleGPipe
-            sched = cls(PipelineStage(stage, ctx.rank, p, ctx.device), m, loss_fn=F.cross_entropy)
-            args, kwargs = ((x,) if first else ()), ({"target": y} if last else {})
-            runners[impl, name, m] = (stage, lambda s=sched, a=args, k=kwargs: s.step(*a, **k))
+            torch_step = pipeline_torch.make_step(stage, name, m, ctx.device)
+            runners[impl, name, m] = (stage, functools.partial(torch_step, x, y))
     out = {c: {"step_s": [], "timings": [], "peak_activation_bytes": None} for c in configs}
     for r in range(rounds + 1):  # round 0 warms up (torch infers shapes, buffers get allocated)
         for c, (module, step) in runners.items():
@@ -118,11 +243,13 @@ def pipeline_timings(ctx: RankContext, build: Callable[[], nn.Module], boundarie
             dist.barrier()
             t0 = time.perf_counter()
             res = step()
+            took = time.perf_counter() - t0
+            measured = res.result() if isinstance(res, StepRecorder) else None  # a collective: after the clock
             if r:
-                out[c]["step_s"].append(time.perf_counter() - t0)
-                if isinstance(res, dict):  # ours
-                    out[c]["timings"].append(res["timings"])
-                    out[c]["peak_activation_bytes"] = res["peak_activation_bytes"]
+                out[c]["step_s"].append(took)
+                if measured:
+                    out[c]["timings"].append(measured["timings"])
+                    out[c]["peak_activation_bytes"] = measured["peak_activation_bytes"]
             ctx.tick()
     return out
 
@@ -136,7 +263,7 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
     launch with the fewest stages) over our naive split there: > 1 means splitting cost time.
     ``peak_activation_bytes`` is the largest stage's, ours only; so are ``messages_s`` and
     ``slow_ops_s``, what communication and uneven op times added to the step
-    (``pipeline.time_budget``, median over rounds). The ranks keep freed memory
+    (:func:`time_budget`, median over rounds). The ranks keep freed memory
     (see ``KEEP_FREED_MEMORY``). More ranks than cores (4 stages on 2 cores) share the
     cores: read those ratios with care.
     """
@@ -164,9 +291,10 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
                     "step_s_min": min(step), "step_s_max": max(step), "rounds": len(step),
                     "bubble_measured": statistics.median(bubble) if ours else None,
                     "bubble_theory": 0.0 if impl == "single" else schedules.bubble_fraction(p, m),
-                    "speedup_theory": 1.0 if name == "naive" else p * m / (m + p - 1),
+                    "speedup_theory": 1.0 if name == "naive" else schedules.speedup(p, m),
                     "peak_activation_bytes": max(r["peak_activation_bytes"] for r in res) if ours else None,
-                    "messages_s": statistics.median(b["span"] - b["instant_messages"] for b in budget) if ours else None,
+                    "messages_s": statistics.median(b["span"] - b["instant_messages"] for b in budget)
+                    if ours else None,
                     "slow_ops_s": statistics.median(b["instant_messages"] - b["steady_ops"] for b in budget)
                     if ours else None})
             naive = {r["impl"]: r["step_s"] for r in records[-len(configs):] if r["schedule"] == "naive"}
@@ -175,8 +303,9 @@ def bench_pipeline(stages: Sequence[int] = (2, 4), microbatches: Sequence[int] =
     return records
 
 
-def pipeline_headline(records: list[dict[str, Any]], stages: int = 2, m: int = 8) -> dict[str, float]:
-    """The issue's targets at ``stages`` and ``m``: speed-ups over naive, ours / torch step time, worst bubble error."""
+def pipeline_headline(records: list[dict[str, Any]], stages: int = 2, microbatches: int = 8) -> dict[str, float]:
+    """Speed-ups over naive, ours / torch step time, worst bubble error, at this size (chapter 4.2)."""
+    m = microbatches
     at = {(r["impl"], r["schedule"], r["microbatches"]): r for r in records if r["stages"] == stages}
     out = {f"{s}_speedup": at["nanopar", s, m]["speedup_vs_naive"] for s in ("gpipe", "1f1b")}
     out.update({f"{s}_nanopar_over_torch": at["nanopar", s, m]["step_s"] / at["torch", s, m]["step_s"]
