@@ -1,11 +1,12 @@
 """python -m nanopar: info and bench collectives write what the book promises."""
 import json
+import statistics
 import subprocess
 import sys
 
 import pytest
 
-from nanopar import bench, cli
+from nanopar import bench, cli, devices
 
 FIELDS = {"op", "impl", "world_size", "bytes", "seconds", "algbw_gbps", "busbw_gbps"}
 
@@ -16,9 +17,15 @@ def test_info_prints_the_tier_and_versions():
     assert out.stdout.startswith("tier: ") and "torch" in out.stdout and "gloo" in out.stdout
 
 
-def test_bench_collectives_writes_records_and_a_plot(tmp_path, capsys):
+@pytest.fixture
+def cpu_tier(monkeypatch):
+    """The benchmarks' ranks pick their backend with "auto": pin the CPU tier on any machine."""
+    monkeypatch.setattr(devices, "gpu_count", lambda: 0)
+
+
+def test_bench_collectives_writes_records_and_a_plot(tmp_path, capsys, cpu_tier):
     path, plot = tmp_path / "out.json", tmp_path / "out.png"
-    assert cli.main(["bench", "collectives", "--world-sizes", "2", "--sizes", "4096", "4194304",
+    assert cli.main(["bench", "collectives", "--quick", "--world-sizes", "2", "--sizes", "4096", "4194304",
                      "--json", str(path), "--plot", str(plot)]) == 0
     records = json.loads(path.read_text())
     assert plot.stat().st_size > 10_000
@@ -50,8 +57,8 @@ def test_bad_bench_arguments_are_refused(argv, message, capsys):
 DP_FIELDS = {"impl", "model", "world_size", "per_rank_batch", "samples_per_s", "step_s", "comm_s", "scaling_efficiency"}
 
 
-def test_bench_dp_records():
-    records = bench.bench_dp(world_sizes=(1, 2), quick=True, workloads={"tiny": 4})  # seconds, not minutes
+def test_bench_dp_records(cpu_tier):
+    records = bench.bench_dp(world_sizes=(1, 2), quick=True, workloads={"tiny": 4}, round_s=0.01)  # 3 steps a round
     assert {(r["impl"], r["world_size"]) for r in records} == {
         ("single", 1), *((impl, n) for impl in ("naive", "bucketed", "ddp") for n in (1, 2))}
     single = next(r for r in records if r["impl"] == "single")
@@ -60,7 +67,9 @@ def test_bench_dp_records():
         assert r["samples_per_s"] == pytest.approx(r["world_size"] * r["per_rank_batch"] / r["step_s"])
         assert r["scaling_efficiency"] == pytest.approx(r["samples_per_s"] / (r["world_size"] * single["samples_per_s"]))
         assert (r["comm_s"] is None) == (r["impl"] in ("single", "ddp"))
-    assert bench.dp_ratio(records, "tiny", 2, "bucketed", "ddp") > 0
+    steps = {r["impl"]: r["step_s_each"] for r in records if r["world_size"] == 2}  # paired step by step
+    assert bench.dp_ratio(records, "tiny", 2, "bucketed", "ddp") == pytest.approx(
+        statistics.median(ddp / ours for ours, ddp in zip(steps["bucketed"], steps["ddp"])))
 
 
 def test_bench_dp_needs_the_one_process_reference(capsys):

@@ -18,7 +18,7 @@ def ring_on_non_contiguous(ctx):
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ring_equals_all_reduce(world_size):
-    per_rank = run(ring_vs_all_reduce_many, world_size, SIZES, "float32")
+    per_rank = run(ring_vs_all_reduce_many, world_size, SIZES, "float32", timeout=120)
     for rank_results in per_rank:
         for res in rank_results:
             torch.testing.assert_close(res["ring"], res["all_reduce"])
@@ -28,9 +28,17 @@ def test_ring_equals_all_reduce(world_size):
         torch.testing.assert_close(per_rank[0][i]["ring"], total)
 
 
-def test_ring_is_exact_on_integers():
-    for res in run(ring_vs_all_reduce_many, 3, [1, 10, 101], "int64")[1]:
-        assert torch.equal(res["ring"], res["all_reduce"])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ring_is_exact_on_integers(world_size):
+    # Exact, so any element lost or added twice shows: sizes not divisible by N, 1 and 3 < 4
+    # (empty chunks), and 2**18 + 3 elements (2 MiB) through every step of the schedule.
+    sizes = [1, 3, 10, 101, 4097, 2**18 + 3]
+    per_rank = run(ring_vs_all_reduce_many, world_size, sizes, "int64", timeout=120)
+    for i in range(len(sizes)):
+        total = sum(r[i]["input"] for r in per_rank)
+        for rank_results in per_rank:
+            assert torch.equal(rank_results[i]["ring"], rank_results[i]["all_reduce"])
+            assert torch.equal(rank_results[i]["ring"], total)
 
 
 def test_ring_refuses_non_contiguous_tensors():

@@ -29,29 +29,41 @@ def _bench_collectives(args: argparse.Namespace) -> int:
 
     records = bench.bench_collectives(world_sizes=args.world_sizes, sizes=args.sizes, quick=args.quick)
     _write(records, args)
-    ratio = bench.ring_to_gloo_ratio(records, world_size=min(args.world_sizes))
-    print(f"ring / gloo bus bandwidth, messages >= 4 MiB, {min(args.world_sizes)} ranks: {ratio:.2f}x")
+    print("ring / gloo bus bandwidth, pair by pair: median (quartiles)")
+    for r in records:
+        if r["impl"] == "ring":
+            print(f"  {r['world_size']} ranks {r['bytes']:>11} bytes  {r['busbw_vs_gloo']:.2f}"
+                  f" ({r['busbw_vs_gloo_q1']:.2f}-{r['busbw_vs_gloo_q3']:.2f})")
+    n = min(args.world_sizes)
+    if max(r["bytes"] for r in records) >= 4 * bench.MiB:
+        ratio = bench.ring_vs_gloo(records, world_size=n)
+        print(f"ring / gloo bus bandwidth, messages >= 4 MiB, {n} ranks: {ratio.median:.2f}x"
+              f" (quartiles {ratio.q1:.2f}-{ratio.q3:.2f} over {ratio.pairs} pairs)")
     return 0
 
 
 def _bench_dp(args: argparse.Namespace) -> int:
     from . import bench
 
-    records = bench.bench_dp(world_sizes=args.world_sizes, quick=args.quick, bucket_mb=args.bucket_mb)
+    records = bench.bench_dp(world_sizes=args.world_sizes, quick=args.quick, bucket_cap_mb=args.bucket_cap_mb)
     _write(records, args, "dp")
     for rec in records:
         comm = f"{rec['comm_s'] * 1e3:7.1f}" if rec["comm_s"] is not None else "      -"
+        vs = (f"  / DDP {rec['throughput_vs_ddp']:.2f} ({rec['throughput_vs_ddp_q1']:.2f}-"
+              f"{rec['throughput_vs_ddp_q3']:.2f})" if "throughput_vs_ddp" in rec else "")
         print(f"{rec['workload']:<20} {rec['impl']:<9} N={rec['world_size']}  {rec['samples_per_s']:9.1f} samples/s"
-              f"  step {rec['step_s'] * 1e3:7.1f} ms  comm {comm} ms  efficiency {rec['scaling_efficiency']:.2f}")
+              f"  step {rec['step_s'] * 1e3:7.1f} ms  comm {comm} ms  efficiency {rec['scaling_efficiency']:.2f}{vs}")
     if 2 in args.world_sizes:
         for workload in bench.DP_WORKLOADS:
-            print(f"{workload}: bucketed / DDP throughput at 2 ranks: "
-                  f"{bench.dp_ratio(records, workload, 2, 'bucketed', 'ddp'):.2f}x")
+            for impl in ("bucketed", "naive"):
+                ratio = bench.dp_speed_ratio(records, workload, 2, impl, "ddp")
+                print(f"{workload}: {impl} / DDP throughput at 2 ranks: {ratio.median:.2f}x"
+                      f" (quartiles {ratio.q1:.2f}-{ratio.q3:.2f} over {ratio.pairs} pairs of steps)")
     return 0
 
 
 def _bench_pipeline(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, schedules
 
     records = bench.bench_pipeline(stages=args.stages, microbatches=args.microbatches, quick=args.quick)
     _write(records, args, "pipeline")
@@ -67,7 +79,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     m = 8 if 8 in args.microbatches else max(args.microbatches)
     head = bench.pipeline_headline(records, p, m)
     print(f"{p} stages, m={m}: speed-up over the naive split: GPipe {head['gpipe_speedup']:.2f}x, "
-          f"1F1B {head['1f1b_speedup']:.2f}x (theory {p * m / (m + p - 1):.2f}x)")
+          f"1F1B {head['1f1b_speedup']:.2f}x (theory {schedules.speedup(p, m):.2f}x)")
     for s in ("gpipe", "1f1b"):
         if f"{s}_nanopar_over_torch" in head:
             print(f"{p} stages, m={m}, {s}: nanopar / torch.distributed.pipelining step time: "
@@ -114,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--quick", action="store_true", help="fewer rounds (about two minutes on 2 cores)")
     dp.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="N",
                     help="numbers of ranks; must include 1, the reference (default: 1 2 4)")
-    dp.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB",
+    dp.add_argument("--bucket-cap-mb", type=float, default=25.0, metavar="MB",
                     help="bucket size of our bucketed DP and of DDP (default: 25, DDP's default)")
     dp.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     dp.add_argument("--plot", metavar="PATH", help="also draw throughput and efficiency against ranks")
@@ -144,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and args.kind == "dp":
         if 1 not in args.world_sizes or min(args.world_sizes) < 1:
             parser.error("--world-sizes must include 1 (the one-process reference) and be at least 1")
-        if not args.bucket_mb > 0:
-            parser.error("--bucket-mb must be a positive number of megabytes")
+        if not args.bucket_cap_mb > 0:
+            parser.error("--bucket-cap-mb must be a positive number of megabytes")
     if args.command == "bench" and args.kind == "pipeline":
         from . import bench
 

@@ -179,7 +179,9 @@ def ring_vs_all_reduce(ctx: RankContext, numel: int, dtype: str = "float32", see
     Returns both results so that the caller can compare them (chapter 2 and tests).
     """
     g = torch.Generator().manual_seed(seed + ctx.rank)
-    x = torch.randn(numel, generator=g).to(getattr(torch, dtype))
+    kind = getattr(torch, dtype)
+    scale = 1.0 if kind.is_floating_point else 1000.0  # integers: few zeros, so a lost element shows
+    x = (scale * torch.randn(numel, generator=g)).to(kind)
     ours, theirs = x.clone(), x.clone()
     ring_all_reduce(ours)
     dist.all_reduce(theirs)
