@@ -68,11 +68,16 @@ def assign_buckets(sizes_bytes: Sequence[int], cap_bytes: int,
 class Bucket:
     """The gradients of some parameters (one dtype, one device), all-reduced together."""
 
-    def __init__(self, params: Sequence[tuple[str, nn.Parameter]]):
+    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], flag: bool = False):
         self.names = [name for name, _ in params]
         self.params = [p for _, p in params]
         first = self.params[0]
-        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
+        # With ``flag``, one more element travels after the gradients: a number each rank
+        # adds to the all-reduce (how many of its parameters got no gradient), so that
+        # every rank learns the sum without a collective of its own.
+        self.flat = torch.empty(sum(p.numel() for p in self.params) + flag, dtype=first.dtype,
+                                device=first.device)
+        self._flag = self.flat[-1:] if flag else None
         self._views, offset = [], 0
         for p in self.params:
             # Each slice has the parameter's own strides (channels_last, say): autograd lays
@@ -96,18 +101,25 @@ class Bucket:
     def mark_ready(self, p: torch.Tensor) -> None:
         self.ready.add(id(p))
 
-    def launch(self, world_size: int, group=None) -> None:
+    def launch(self, world_size: int, group=None, flag: float = 0.0) -> None:
         """Pack the gradients, divided by N (as DDP does), and start their all-reduce.
 
         A parameter without a gradient contributes zeros: the caller has decided that
         this is allowed (``find_unused_parameters``) or will raise on every rank.
+        ``flag`` is this rank's term of the flag's sum (buckets built with ``flag=True``).
         """
         for p, view in zip(self.params, self._views):
             if p.grad is None:
                 view.zero_()
             else:
                 torch.div(p.grad, world_size, out=view)
+        if self._flag is not None:
+            self._flag.fill_(flag)
         self.work = dist.all_reduce(self.flat, group=group, async_op=True)
+
+    def flag_sum(self) -> float:
+        """After :meth:`finish`: the sum over ranks of the ``flag`` they launched with."""
+        return self._flag.item()
 
     def finish(self) -> None:
         """Wait for the all-reduce; each ``p.grad`` becomes its averaged slice of the bucket,

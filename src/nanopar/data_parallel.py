@@ -201,7 +201,10 @@ class BucketedDataParallel(_DataParallel):
     def _build_buckets(self, order: list[tuple[str, nn.Parameter]]) -> None:
         groups = assign_buckets([p.numel() * p.element_size() for _, p in order], self._cap_bytes,
                                 keys=[(p.dtype, p.device) for _, p in order])
-        self.buckets = [Bucket([order[i] for i in g]) for g in groups]
+        # The last bucket carries the count of unused parameters (see sync_gradients).
+        flagged = len(groups) - 1 if not self.find_unused_parameters else -1
+        self.buckets = [Bucket([order[i] for i in g], flag=b == flagged) for b, g in enumerate(groups)]
+        self._unused_here = 0  # this rank's term of that count, for the bucket launches
         self._bucket_of = {id(p): bucket for bucket in self.buckets for p in bucket.params}
         self._launched = 0  # buckets 0 … _launched−1 are in flight
 
@@ -218,13 +221,18 @@ class BucketedDataParallel(_DataParallel):
     def _launch_full_buckets(self) -> None:
         # In order only: bucket b goes after buckets 0 … b−1, on every rank alike.
         while self._launched < len(self.buckets) and self.buckets[self._launched].full:
-            self.buckets[self._launched].launch(self.world_size, self.group)
+            self.buckets[self._launched].launch(self.world_size, self.group, flag=self._unused_here)
             self._launched += 1
 
     def sync_gradients(self) -> None:
         """Wait for every bucket's all-reduce and write the averaged gradients to ``p.grad``."""
         self._check_not_in_no_sync()
         unused = self._unused()
+        # Buckets launch in order, so a last bucket launched during backward means that every
+        # gradient had arrived (its flag term is 0); any bucket launched from here carries the
+        # count of this rank's unused parameters. No collective of its own: the flag rides
+        # along with the gradients.
+        self._unused_here = sum(unused)
         for bucket in self.buckets:  # what backward did not launch: gradients from no_sync, or none
             for p in bucket.params:
                 bucket.mark_ready(p)
@@ -232,9 +240,10 @@ class BucketedDataParallel(_DataParallel):
         self._launch_full_buckets()
         for bucket in self.buckets:
             bucket.finish()
-        self._launched = 0
+        self._launched, self._unused_here = 0, 0
         self._ready.clear()
-        self._agree_on_unused(unused)  # after the same bucket collectives on every rank
+        if self.buckets and not self.find_unused_parameters and self.buckets[-1].flag_sum() > 0:
+            self._agree_on_unused(unused)  # some rank missed gradients: every rank names them and raises
         if self._arrival is not None:
             self._rebuild_buckets()
         self.comm_seconds += time.perf_counter() - t0
