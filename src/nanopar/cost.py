@@ -204,16 +204,23 @@ def _count(x: float) -> str:
     return f"{x / 1e12:g}T" if x >= 1e12 else f"{x / 1e9:g}B"
 
 
+def _days(d: float) -> str:
+    # Whole days are precise enough once a run takes months.
+    return f"{d:,.0f}" if d >= 100 else f"{d:.1f}"
+
+
 def format_table(rows: list[CostRow]) -> str:
-    """The rows of :func:`reference_table` as a text table (chapter 1)."""
+    """The rows of :func:`reference_table` as a text table under 80 columns (chapter 1)."""
     counts = list(rows[0].days)
-    header = f"{'model':<16}{'params':>8}{'tokens':>8}" + "".join(f"{p + ' GiB':>11}" for p in PRECISIONS)
-    header += f"{'FLOPs':>10}" + "".join(f"{f'days on {n}':>14}" for n in counts)
-    lines = [header, "-" * len(header)]
+    memory = "".join(f"{p:>7}" for p in PRECISIONS)
+    widths = {n: len(f"days on {n}") + 2 for n in counts}
+    header = f"{'model':<14}{'params':>7}{'tokens':>7}{memory}{'FLOPs':>9}"
+    header += "".join(f"{f'days on {n}':>{widths[n]}}" for n in counts)
+    lines = [f"{'':<28}{'state GiB':^{len(memory)}}".rstrip(), header, "-" * len(header)]
     for r in rows:
-        line = f"{r.model:<16}{_count(r.params):>8}{_count(r.tokens):>8}"
-        line += "".join(f"{r.memory_gib[p]:>11,.0f}" for p in PRECISIONS)
-        line += f"{r.flops:>10.1e}" + "".join(f"{r.days[n]:>14,.1f}" for n in counts)
+        line = f"{r.model:<14}{_count(r.params):>7}{_count(r.tokens):>7}"
+        line += "".join(f"{r.memory_gib[p]:>7,.0f}" for p in PRECISIONS)
+        line += f"{r.flops:>9.1e}" + "".join(f"{_days(r.days[n]):>{widths[n]}}" for n in counts)
         lines.append(line)
     return "\n".join(lines)
 

@@ -58,12 +58,15 @@ def plot_parallelism_schemes(path: str | None = None):
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     titles = ["data parallelism:\nevery device holds the whole model,\neach a different quarter of the batch",
               "model (pipeline) parallelism:\neach device holds some layers,\nactivations flow between them",
-              "hybrid (2 × 2):\ntwo pipelines of two stages,\neach taking half of the batch"]
+              "hybrid (2 × 2): two pipelines,\ndevices {0, 2} and {1, 3},\neach taking half of the batch"]
+    # The hybrid panel numbers devices as chapter 3 numbers ranks (Megatron-LM's order with
+    # d_tp = 1): rank = i_dp + d_dp * i_pp, so replicas are adjacent and stages are d_dp apart.
+    d_dp = 2
     # which layers and which batch shard each device d holds, per scheme
     schemes = [
         [(range(layers), f"batch ¼ #{d + 1}") for d in range(4)],
         [([d], "whole batch") for d in range(4)],
-        [(range(2 * (d % 2), 2 * (d % 2) + 2), f"batch ½ #{d // 2 + 1}") for d in range(4)],
+        [(range(2 * (d // d_dp), 2 * (d // d_dp) + 2), f"batch ½ #{d % d_dp + 1}") for d in range(4)],
     ]
     for ax, title, scheme in zip(axes, titles, schemes):
         for d, (held, data) in enumerate(scheme):
