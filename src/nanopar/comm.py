@@ -95,7 +95,7 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     if not tensor.is_contiguous():
         raise ValueError("ring_all_reduce needs a contiguous tensor (call .contiguous() first)")
     r = dist.get_rank(group)
-    right, left = _global(group, (r + 1) % n), _global(group, (r - 1) % n)
+    right, left = global_rank(group, (r + 1) % n), global_rank(group, (r - 1) % n)
     flat = tensor.view(-1)
     chunks = [flat.narrow(0, s, k) for s, k in ring_chunks(flat.numel(), n)]
     inbox = _scratch(max(c.numel() for c in chunks), tensor.dtype, tensor.device)
@@ -122,7 +122,12 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return buf[:numel]
 
 
-def _global(group, group_rank: int) -> int:
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    """The global rank of the rank numbered ``group_rank`` inside ``group`` (None: the default group).
+
+    Point-to-point calls and ``src=`` arguments take global ranks, so every technique that runs
+    inside a sub-group (a DP group, a pipeline) names its peers through this (chapter 2).
+    """
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 

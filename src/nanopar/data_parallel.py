@@ -35,16 +35,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .buckets import Bucket, assign_buckets, bucket_cap_bytes
-from .comm import all_gather_single
-
-
-def _global_rank(group, group_rank: int) -> int:
-    return dist.get_global_rank(group or dist.group.WORLD, group_rank)
+from .comm import all_gather_single, global_rank
 
 
 def broadcast_parameters(module: nn.Module, group=None) -> None:
     """Copy the parameters and buffers of the group's first rank to every rank of ``group`` (chapter 4.1)."""
-    src = _global_rank(group, 0)
+    src = global_rank(group, 0)
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=src, group=group)
@@ -72,7 +68,7 @@ def check_same_parameters(module: nn.Module, group=None, after_step: int | None 
     for r in range(1, n):
         differs = (every[r] != every[0]).any(dim=1)
         if differs.any():
-            rank, first = _global_rank(group, r), _global_rank(group, 0)
+            rank, first = global_rank(group, r), global_rank(group, 0)
             where = (f"first: {names[int(differs.nonzero()[0])]!r}, "
                      f"{int(differs.sum())} of {len(names)} tensors differ")
             if after_step is None:
@@ -152,7 +148,7 @@ class _DataParallel(nn.Module):
         every = torch.empty(self.world_size * mine.numel(), dtype=mine.dtype, device=mine.device)
         all_gather_single(every, mine, group=self.group)
         rows = every.view(self.world_size, -1).cpu().tolist()
-        where = [f"rank {_global_rank(self.group, r)}: {names[:5]}" + (" …" if len(names) > 5 else "")
+        where = [f"rank {global_rank(self.group, r)}: {names[:5]}" + (" …" if len(names) > 5 else "")
                  for r, row in enumerate(rows) if (names := [n for (n, _), m in zip(self._params, row) if m])]
         if where:
             raise RuntimeError(
@@ -258,5 +254,5 @@ class BucketedDataParallel(_DataParallel):
         if not self._params:
             return
         order = torch.tensor(arrived + never, device=self._params[0][1].device)
-        dist.broadcast(order, src=_global_rank(self.group, 0), group=self.group)
+        dist.broadcast(order, src=global_rank(self.group, 0), group=self.group)
         self._build_buckets([self._params[i] for i in order.tolist()])

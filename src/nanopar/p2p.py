@@ -2,7 +2,7 @@
 
 Book: chapter 2 (send/recv) and chapter 4.2 (the multi-process pipeline).
 
-Stages are numbered by their rank in the pipeline's process group; :func:`peer` turns a
+Stages are numbered by their rank in the pipeline's process group; ``comm.global_rank`` turns a
 stage number into the global rank that ``send``/``recv`` address. The first activation
 a stage sends carries a small header (its number of dimensions, dtype and shape), since
 the next stage cannot know it in advance; the later ones have the same shape and travel
@@ -24,11 +24,6 @@ MAX_DIMS = 8
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
 
 Pending = list[tuple[torch.Tensor, Any]]  # tensors being sent, with their work
-
-
-def peer(group: dist.ProcessGroup | None, stage: int) -> int:
-    """The global rank of ``stage`` (a rank within ``group``; None is the default group)."""
-    return stage if group is None else dist.get_global_rank(group, stage)
 
 
 def send(t: torch.Tensor, dst: int, group: dist.ProcessGroup | None, with_header: bool = False) -> Pending:

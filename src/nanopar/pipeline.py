@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import p2p
+from .comm import global_rank
 from . import schedules as _schedules
 from .launch import RankContext
 from .model_split import Blocks, Boundary, as_blocks, run_stage, split
@@ -157,8 +158,8 @@ def execute(stage: nn.Module, schedule: Sequence[_schedules.Op], x: torch.Tensor
     _check_fifo(schedule, stages)
     check_microbatches(_batch_size(index, stages, x, y, batch), microbatches)
     first, last = index == 0, index == stages - 1
-    prev = None if first else p2p.peer(group, index - 1)
-    nxt = None if last else p2p.peer(group, index + 1)
+    prev = None if first else global_rank(group, index - 1)
+    nxt = None if last else global_rank(group, index + 1)
     xs = x.to(device).chunk(microbatches) if first else None
     ys = y.to(device).chunk(microbatches) if last else None
     ops = _schedules.stage_ops(schedule, index)
