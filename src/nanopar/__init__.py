@@ -18,8 +18,9 @@ concern and names the chapter that explains it:
                stages' messages, a multi-process pipeline executor, and PyTorch's engine
                on the same stages (chapters 3.2, 4.2)
 * ``bench``    benchmarks behind ``python -m nanopar bench …`` and the analysis of their
-               runs: ``collectives``, ``dp``, ``pipeline``, ``microbatching`` (chapters 2, 4)
-* ``plotting`` the book's figures
+               runs: ``collectives``, ``dp``, ``pipeline``, ``microbatching``, ``memory``
+               (chapters 1, 2, 4)
+* ``plotting`` the book's figures; ``notebook`` hands measured values to the book's prose
 """
 from . import devices
 

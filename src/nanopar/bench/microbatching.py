@@ -7,6 +7,8 @@ work is small next to its weights (a memory-bound MLP) re-reads all its weights 
 every micro-batch. :func:`per_sample_times` measures both; :func:`tutorial_experiment`
 reproduces the shape of PyTorch's model-parallel tutorial (one device, the naive
 two-stage split, and the pipelined split over a sweep of split sizes) on CPU ranks.
+:func:`cut_balance` measures how much of the work each stage of a cut does (the
+article's cut and the tutorial's), and :func:`pipelined_fraction` what that allows.
 """
 from __future__ import annotations
 
@@ -15,18 +17,23 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import models
 from ..launch import RankContext, run
-from ..model_split import ARTICLE_BOUNDARY, as_blocks, split_points
+from ..model_split import ARTICLE_BOUNDARY, Boundary, as_blocks, split, split_points
 from ..training import make_classification_data, seeded
 from . import common, pipeline
 
 # PyTorch's model-parallel tutorial, ResNet50 on batches of 120 images of 128×128 on two
 # GPUs: mean training time of its benchmark for each setup (its published figures).
 TUTORIAL_GPU_SECONDS = {"one device": 3.75, "naive split": 4.02, "pipelined (best split size)": 2.43}
+# Its best split size, 20 images, makes 6 micro-batches of its 120.
+TUTORIAL_BEST_MICROBATCHES = 6
+# The tutorial's cut: its second GPU starts at layer3 (the article's at layer2).
+TUTORIAL_BOUNDARY = "layer3"
 
 
 def per_sample_times(ctx: RankContext, build: Callable[[], nn.Module], shape: tuple[int, ...], classes: int,
@@ -98,3 +105,77 @@ def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[
     for r in records:
         r["relative_to_one_device"] = r["step_s"] / one
     return records
+
+
+def stage_times(ctx: RankContext, build: Callable[[], nn.Module], cuts: dict[str, list[int]], batch: int,
+                shape: tuple[int, ...], classes: int, repeats: int = 3) -> dict[str, list[float]]:
+    """Worker: median forward+backward seconds of each stage of each cut, run one after another (chapter 4.2).
+
+    Each stage gets the activation that the stages before it produce; every stage but the
+    first also computes the gradient of its input, which a pipeline sends back.
+    """
+    model = seeded(build)
+    x, y = make_classification_data(batch, shape, classes)
+    out = {}
+    for name, points in cuts.items():
+        stages = split(model, points)
+        inputs = [x]
+        with torch.no_grad():
+            for stage in stages[:-1]:
+                inputs.append(stage(inputs[-1]))
+        seconds = []
+        for i, stage in enumerate(stages):
+            def step() -> None:
+                z = stage(inputs[i].detach().requires_grad_(i > 0))
+                if i == len(stages) - 1:
+                    F.cross_entropy(z, y).backward()
+                else:
+                    z.backward(torch.ones_like(z))
+            step()  # warm-up: allocations, first-call costs
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            seconds.append(statistics.median(times))
+        out[name] = seconds
+        ctx.tick()
+    return out
+
+
+def cut_balance(cuts: dict[str, Sequence[Boundary]] | None = None, batch: int = 32, image: int = 64,
+                repeats: int = 3, progress=None) -> list[dict[str, Any]]:
+    """How ResNet50's work divides between the stages of each cut, measured (chapter 4.2).
+
+    ``cuts`` maps a name to its boundaries (default: the article's cut, conv1…layer1 |
+    layer2…fc, and PyTorch's tutorial's, conv1…layer2 | layer3…fc). Each stage's
+    forward+backward on ``batch`` images runs in one single-thread rank; the record holds
+    each stage's seconds and its ``share`` of their sum.
+    """
+    cuts = cuts or {"article": [ARTICLE_BOUNDARY], "tutorial": [TUTORIAL_BOUNDARY]}
+    build = functools.partial(models.resnet50, 10)
+    blocks = as_blocks(models.resnet50(10))
+    points = {name: split_points(b, blocks) for name, b in cuts.items()}
+    (times,) = run(stage_times, 1, build, points, batch, (3, image, image), 10, repeats, backend="gloo",
+                   progress=progress, env=common.KEEP_FREED_MEMORY)
+    records = []
+    for name, seconds in times.items():
+        starts = [blocks[i][0] for i in points[name]]
+        records.append({"cut": name, "stage_starts": starts, "stage_s": seconds,
+                        "share": [t / sum(seconds) for t in seconds], "batch": batch, "image": image})
+    return records
+
+
+def pipelined_fraction(stage_s: Sequence[float], microbatches: int) -> float:
+    """A pipeline's step over the naive split's, for stages of unequal times and free messages (chapter 4.2).
+
+    With m micro-batches each stage's work comes in m pieces; the slowest stage works
+    without a pause, after the other stages' first pieces and before their last ones:
+    (Σ t + (m − 1) max t) / (m Σ t). Equal stages give 1 / ``schedules.speedup(p, m)``.
+    """
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive whole number, got {microbatches!r}")
+    if not stage_s or min(stage_s) < 0:
+        raise ValueError(f"stage times must be one non-negative time per stage, got {list(stage_s)}")
+    total = sum(stage_s)
+    return (total + (microbatches - 1) * max(stage_s)) / (microbatches * total)
