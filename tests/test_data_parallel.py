@@ -201,6 +201,26 @@ def test_unused_parameters_are_an_error_on_every_rank_or_averaged_as_zeros():
             assert_states_close(out[impl, True], reference)
 
 
+def test_bucketed_steps_without_unused_parameters_gather_nothing_extra():
+    # The unused-parameter count rides in the last bucket's all-reduce: a step whose
+    # parameters all got gradients issues the bucket all-reduces and nothing else.
+    assert run(_gathers_per_step, 2, backend="gloo", timeout=60) == [0, 0]
+
+
+def _gathers_per_step(ctx):
+    import nanopar.data_parallel as dp
+
+    gathers = []
+    real = dp.all_gather_single
+    dp.all_gather_single = lambda *a, **k: (gathers.append(1), real(*a, **k))[1]
+    model = BucketedDataParallel(MLP(), bucket_cap_mb=0.001)
+    gathers.clear()  # construction compares the replicas' fingerprints once
+    for _ in range(3):
+        F.cross_entropy(model(torch.randn(4, 12)), torch.randint(0, 5, (4,))).backward()
+        model.sync_gradients()
+    return len(gathers)
+
+
 def test_different_starting_parameters_are_detected():
     with pytest.raises(RankError, match="rank 1 starts from different parameters than rank 0"):
         run(_different_replicas, 2, backend="gloo", timeout=60)
