@@ -83,8 +83,9 @@ def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[
     the unsplit model in one single-thread process; "naive split" the two ranks with one
     micro-batch; "pipelined" GPipe with micro-batches of ``split_size`` images. The
     tutorial used 120 images of 128×128 on two GPUs; these defaults take about 40 s on
-    a 2-core CPU, and their median of 3 rounds survives one disturbed round. 64×64
-    keeps ResNet50's last feature maps larger than 1×1, which BatchNorm needs for
+    a 2-core CPU. Each round measures every setup once; ``relative_to_one_device`` is the
+    median over rounds of the ratio within a round, which survives one disturbed round.
+    64×64 keeps ResNet50's last feature maps larger than 1×1, which BatchNorm needs for
     micro-batches of one image.
     """
     if any(batch % s for s in split_sizes):
@@ -95,15 +96,16 @@ def tutorial_experiment(batch: int = 64, image: int = 64, split_sizes: Sequence[
     configs += [("nanopar", "gpipe", batch // s) for s in split_sizes if s < batch]
     times = run(pipeline.pipeline_timings, 2, build, boundaries, batch, (3, image, image), 10, configs, rounds,
                 backend="gloo", progress=progress, env=common.KEEP_FREED_MEMORY)  # as in bench pipeline
+    steps = {c: common.slowest_rank([t[c]["step_s"] for t in times]) for c in configs}
+    one = steps[configs[0]]
     records = []
-    for impl, schedule, m in configs:
-        step = statistics.median(common.slowest_rank([t[impl, schedule, m]["step_s"] for t in times]))
+    for c in configs:
+        impl, schedule, m = c
         setup = "one device" if impl == "single" else "naive split" if schedule == "naive" else "pipelined"
-        records.append({"setup": setup, "split_size": batch // m, "microbatches": m, "step_s": step,
-                        "batch": batch, "image": image})
-    one = records[0]["step_s"]
-    for r in records:
-        r["relative_to_one_device"] = r["step_s"] / one
+        records.append({"setup": setup, "split_size": batch // m, "microbatches": m,
+                        "step_s": statistics.median(steps[c]), "batch": batch, "image": image,
+                        # paired round by round: a round that disturbs both steps cancels out
+                        "relative_to_one_device": common.speed_ratio(one, steps[c]).median})
     return records
 
 
