@@ -4,9 +4,11 @@
     python -m nanopar bench collectives --quick --json out.json --plot out.png
     python -m nanopar bench dp --quick --json dp.json --plot dp.png
     python -m nanopar bench pipeline --quick --json pipe.json --plot pipe.png
+    python -m nanopar bench lengths --quick --json lengths.json --plot lengths.png
+    python -m nanopar bench hybrid --quick --json hybrid.json --plot hybrid.png
 
 Book: "Setting up" (info), chapter 2 (bench collectives), chapter 4.1 (bench dp),
-chapter 4.2 (bench pipeline).
+chapter 4.2 (bench pipeline), chapter 5.3 (bench lengths), chapter 3.3 (bench hybrid).
 """
 from __future__ import annotations
 
@@ -88,6 +90,37 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_lengths(args: argparse.Namespace) -> int:
+    from .bench import lengths
+
+    records = lengths.bench_lengths(samples=args.samples, batch=args.batch, quick=args.quick)
+    _write(records, args, "lengths")
+    for name, s in lengths.lengths_summary(records).items():
+        print(f"{name:<9} padding {s['padding_fraction']:4.0%}  straggler wait {s['wait_fraction']:4.0%}  "
+              f"{s['steps_per_s']:5.1f} steps/s  x{s['speedup']:.2f} vs random"
+              f" (stretches {s['speedup_q1']:.2f}-{s['speedup_q3']:.2f};"
+              f" padded frames predict x{s['speedup_predicted']:.2f})")
+    return 0
+
+
+def _bench_hybrid(args: argparse.Namespace) -> int:
+    from .bench.hybrid import bench_hybrid
+
+    records = bench_hybrid(quick=args.quick)
+    _write(records, args, "hybrid")
+    print("bytes handed to the collectives of each axis per step, all ranks together:")
+    print(f"{'dp×pp×tp':<9} {'samples/s':>9}  " + " ".join(f"{a + ' bytes':>10}" for a in ("dp", "pp", "tp"))
+          + "   max |diff| vs one process")
+    for r in records:
+        sizes = " ".join(f"{r[f'comm_bytes_{a}']:>10}" for a in ("dp", "pp", "tp"))
+        print(f"{r['shape']:<9} {r['samples_per_s']:9.1f}  {sizes}   {r['max_abs_diff_vs_single']:.1e}")
+    off = [f"{r['shape']} {a}" for r in records for a in ("dp", "pp", "tp")
+           if r[f"comm_bytes_{a}"] != r[f"comm_bytes_{a}_formula"]]
+    print("counted bytes " + (f"differ from the formulas of chapter 3.3: {', '.join(off)}" if off
+                              else "equal the formulas of chapter 3.3 for every shape and axis"))
+    return 0
+
+
 def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectives") -> None:
     text = json.dumps(records, indent=1)
     if args.json:
@@ -100,7 +133,8 @@ def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectiv
         from . import plotting
 
         draw = {"collectives": plotting.plot_bandwidth, "dp": plotting.plot_dp_scaling,
-                "pipeline": plotting.plot_pipeline_bench}[kind]
+                "pipeline": plotting.plot_pipeline_bench, "lengths": plotting.plot_length_batching,
+                "hybrid": plotting.plot_hybrid_bench}[kind]
         draw(records, path=args.plot)
         print(f"wrote the plot to {args.plot}")
 
@@ -142,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     pipe.add_argument("--plot", metavar="PATH", help="also draw speed-up and bubble against micro-batches")
     pipe.set_defaults(run=_bench_pipeline)
+
+    lens = kinds.add_parser("lengths", help="uneven sequence lengths: random against length-bucketed batches")
+    lens.add_argument("--quick", action="store_true", help="512 utterances instead of 4096 (seconds on 2 cores)")
+    lens.add_argument("--samples", type=int, metavar="N", help="utterances in the epoch (default: 4096; --quick: 512)")
+    lens.add_argument("--batch", type=int, default=16, metavar="B", help="global batch over 2 ranks (default: 16)")
+    lens.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
+    lens.add_argument("--plot", metavar="PATH", help="also draw padded frames and where the epoch's time went")
+    lens.set_defaults(run=_bench_lengths)
+
+    hyb = kinds.add_parser("hybrid", help="every dp × pp × tp grid of 4 ranks training one GPT: speed and bytes")
+    hyb.add_argument("--quick", action="store_true", help="a smaller GPT and fewer rounds (about a minute on 2 cores)")
+    hyb.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
+    hyb.add_argument("--plot", metavar="PATH", help="also draw samples/s and the bytes of each axis")
+    hyb.set_defaults(run=_bench_hybrid)
     return parser
 
 
@@ -166,4 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--stages must be at least 2 and divide the model's {bench.PIPE_BLOCKS} blocks")
         if any(m < 1 or bench.PIPE_BATCH % m for m in args.microbatches):
             parser.error(f"--microbatches must be positive and divide the batch of {bench.PIPE_BATCH}")
+    if args.command == "bench" and args.kind == "lengths" and (
+            args.batch < 2 or args.batch % 2 or (args.samples is not None and args.samples < 8 * args.batch)):
+        parser.error("--batch must be even (2 ranks) and --samples at least 8 global batches")
     return args.run(args)
