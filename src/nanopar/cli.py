@@ -6,9 +6,11 @@
     python -m nanopar bench pipeline --quick --json pipe.json --plot pipe.png
     python -m nanopar bench lengths --quick --json lengths.json --plot lengths.png
     python -m nanopar bench hybrid --quick --json hybrid.json --plot hybrid.png
+    python -m nanopar bench zero --quick --json zero.json --plot zero.png
 
 Book: "Setting up" (info), chapter 2 (bench collectives), chapter 4.1 (bench dp),
-chapter 4.2 (bench pipeline), chapter 5.3 (bench lengths), chapter 3.3 (bench hybrid).
+chapter 4.2 (bench pipeline), chapter 5.3 (bench lengths), chapter 3.3 (bench hybrid),
+chapter 6.5 (bench zero).
 """
 from __future__ import annotations
 
@@ -121,6 +123,20 @@ def _bench_hybrid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_zero(args: argparse.Namespace) -> int:
+    from .bench import zero
+
+    records = zero.bench_zero(world_sizes=args.world_sizes, quick=args.quick)
+    _write(records, args, "zero")
+    print(f"{'impl':<26} {'stage':>5} {'N':>2} {'held MiB':>9} {'formula':>8} {'ratio':>6}"
+          f" {'sent MiB':>9} {'theory':>7} {'step ms':>8}  max |diff| vs one process")
+    for r in records:
+        print(f"{r['impl']:<26} {r['stage']:>5} {r['world_size']:>2} {r['held_bytes'] / 2**20:9.3f}"
+              f" {r['predicted_bytes'] / 2**20:8.3f} {r['held_vs_predicted']:6.3f} {r['comm_bytes'] / 2**20:9.3f}"
+              f" {r['comm_bytes_predicted'] / 2**20:7.3f} {r['step_s'] * 1e3:8.1f}  {r['max_abs_diff_vs_single']:.1e}")
+    return 0
+
+
 def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectives") -> None:
     text = json.dumps(records, indent=1)
     if args.json:
@@ -134,7 +150,7 @@ def _write(records: list[dict], args: argparse.Namespace, kind: str = "collectiv
 
         draw = {"collectives": plotting.plot_bandwidth, "dp": plotting.plot_dp_scaling,
                 "pipeline": plotting.plot_pipeline_bench, "lengths": plotting.plot_length_batching,
-                "hybrid": plotting.plot_hybrid_bench}[kind]
+                "hybrid": plotting.plot_hybrid_bench, "zero": plotting.plot_zero_bench}[kind]
         draw(records, path=args.plot)
         print(f"wrote the plot to {args.plot}")
 
@@ -190,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     hyb.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
     hyb.add_argument("--plot", metavar="PATH", help="also draw samples/s and the bytes of each axis")
     hyb.set_defaults(run=_bench_hybrid)
+
+    zer = kinds.add_parser("zero", help="ZeRO stages 0-3 (ours), DDP, ZeroRedundancyOptimizer, FSDP2: bytes and speed")
+    zer.add_argument("--quick", action="store_true", help="a smaller GPT and fewer rounds (about a minute on 2 cores)")
+    zer.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4], metavar="N",
+                     help="numbers of ranks, each at least 2 and dividing the batch (default: 2 4)")
+    zer.add_argument("--json", metavar="PATH", help="write the records here (default: print them)")
+    zer.add_argument("--plot", metavar="PATH", help="also draw the bytes held per rank and the step time")
+    zer.set_defaults(run=_bench_zero)
     return parser
 
 
@@ -217,4 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and args.kind == "lengths" and (
             args.batch < 2 or args.batch % 2 or (args.samples is not None and args.samples < 8 * args.batch)):
         parser.error("--batch must be even (2 ranks) and --samples at least 8 global batches")
+    if args.command == "bench" and args.kind == "zero":
+        from .bench import zero
+
+        try:
+            zero.zero_batch(args.world_sizes, args.quick)
+        except ValueError as e:
+            parser.error(str(e))
     return args.run(args)

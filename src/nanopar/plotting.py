@@ -399,7 +399,10 @@ def plot_hybrid_bench(records: Sequence[dict[str, Any]], path: str | None = None
     shapes = [f"{r['dp']}×{r['pp']}×{r['tp']}" for r in records]
     fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
     ax_s.bar(shapes, [r["samples_per_s"] for r in records], color="grey")
-    ax_s.set(xlabel="dp × pp × tp", ylabel="samples / s", title=f"training speed, {records[0]['model']}")
+    cores = records[0].get("cpu_cores")
+    ranks = records[0]["dp"] * records[0]["pp"] * records[0]["tp"]
+    on = f", {ranks} ranks on {cores} cores" if cores else ""
+    ax_s.set(xlabel="dp × pp × tp", ylabel="samples / s", title=f"training speed, {records[0]['model']}{on}")
     ax_s.title.set_fontsize(9)
     bottom = [0.0] * len(records)
     mib = 2**20
@@ -416,8 +419,8 @@ def plot_hybrid_bench(records: Sequence[dict[str, Any]], path: str | None = None
     return _finish(fig, path)
 
 
-def plot_grid(topology, path: str | None = None):
-    """The ranks of a dp × pp × tp grid with their tensor, data and pipeline groups drawn (chapter 3.3).
+def plot_grid(topology: Any, path: str | None = None):
+    """The ranks of a ``grid.Topology`` with its tensor, data and pipeline groups drawn (chapter 3.3).
 
     Tensor-parallel slices run left to right, data-parallel replicas top to bottom, and
     pipeline stages into the depth; each group is a line through its ranks.
@@ -473,4 +476,38 @@ def plot_embedding_memory(rows: Sequence[dict[str, Any]], path: str | None = Non
     ax.set_title("Parameters per rank: tables sharded, MLPs (grey) replicated")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _finish(fig, path)
+
+
+_ZERO_NAMES = {"ddp": "DDP", "nanopar": "nanopar", "zero_redundancy_optimizer": "ZeroRedundancy-\nOptimizer",
+               "fsdp2": "FSDP2"}
+
+
+def plot_zero_bench(records: Sequence[dict[str, Any]], path: str | None = None):
+    """``bench zero``: bytes held per rank, stacked parameters / gradients / optimizer state, with the
+    ZeRO formula's total marked, and the median step time; one row per world size (chapter 6.5)."""
+    sizes = sorted({r["world_size"] for r in records})
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 3.8 * len(sizes)), squeeze=False)
+    for (ax_m, ax_t), n in zip(axes, sizes):
+        rows = [r for r in records if r["world_size"] == n]
+        labels = [f"{_ZERO_NAMES.get(r['impl'], r['impl'])}\nstage {r['stage']}" for r in rows]
+        bottom = [0.0] * len(rows)
+        for kind, color in (("param", "C0"), ("grad", "C1"), ("optim", "C2")):
+            held = [r[f"{kind}_bytes"] / 2**20 for r in rows]
+            ax_m.bar(labels, held, bottom=bottom, color=color, label={"param": "parameters", "grad": "gradients",
+                                                                      "optim": "optimizer state"}[kind])
+            bottom = [b + h for b, h in zip(bottom, held)]
+        ax_m.plot(labels, [r["predicted_bytes"] / 2**20 for r in rows], "k_", markersize=22, mew=2,
+                  label="ZeRO formula")
+        ax_m.set(ylabel="MiB held per rank", title=f"{n} ranks: training state per rank, {rows[0]['model']}")
+        ax_m.set_ylim(top=1.3 * max(bottom))  # room for the legend above the bars
+        ax_m.legend(fontsize=8, ncol=2, loc="upper right")
+        ax_t.bar(labels, [r["step_s"] * 1e3 for r in rows], color="grey")
+        ax_t.errorbar(labels, [r["step_s"] * 1e3 for r in rows],
+                      yerr=[[(r["step_s"] - r["step_s_min"]) * 1e3 for r in rows],
+                            [(r["step_s_max"] - r["step_s"]) * 1e3 for r in rows]], fmt="none", ecolor="black")
+        ax_t.set(ylabel="ms per step (median, range)", title=f"{n} ranks: step time, batch {rows[0]['batch']}")
+        for ax in (ax_m, ax_t):
+            ax.title.set_fontsize(9)
+            ax.tick_params(axis="x", labelsize=7)
     return _finish(fig, path)
