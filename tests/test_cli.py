@@ -76,3 +76,11 @@ def test_bench_dp_needs_the_one_process_reference(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "dp", "--world-sizes", "2", "4"])
     assert "must include 1" in capsys.readouterr().err
+
+
+def test_train_subcommand_is_nanopar_train(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dp" in out and "--resume" in out

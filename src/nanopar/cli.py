@@ -1,6 +1,7 @@
-"""The command line: ``python -m nanopar info | bench …``.
+"""The command line: ``python -m nanopar info | bench … | train …``.
 
     python -m nanopar info
+    python -m nanopar train --nproc 4 --dp 2 --pp 2 --steps 20 --out runs/gpt   (= python -m nanopar.train …)
     python -m nanopar bench collectives --quick --json out.json --plot out.png
     python -m nanopar bench dp --quick --json dp.json --plot dp.png
     python -m nanopar bench pipeline --quick --json pipe.json --plot pipe.png
@@ -10,12 +11,13 @@
 
 Book: "Setting up" (info), chapter 2 (bench collectives), chapter 4.1 (bench dp),
 chapter 4.2 (bench pipeline), chapter 5.3 (bench lengths), chapter 3.3 (bench hybrid),
-chapter 6.5 (bench zero).
+chapter 6.5 (bench zero), chapter 4's hybrid training (train).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Sequence
 
 
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanopar", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="the hardware tier, devices, torch version and backends").set_defaults(run=_info)
+    sub.add_parser("train", help="hybrid training of the GPT (options: python -m nanopar train --help)")
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON records (and plots)")
     kinds = bench.add_subparsers(dest="kind", required=True)
@@ -218,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser, so that torchrun can also run it as -m nanopar.train
+        from . import train
+
+        return train.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench" and args.kind == "collectives":

@@ -132,7 +132,8 @@ class _StageInput(torch.autograd.Function):
 
 def execute(stage: nn.Module, schedule: Sequence[_schedules.Op], x: torch.Tensor | None, y: torch.Tensor | None,
             device: torch.device, group: dist.ProcessGroup | None = None, *, batch: int | None = None,
-            loss_fn: LossFn = F.cross_entropy, recorder: Recorder | None = None) -> torch.Tensor | None:
+            loss_fn: LossFn = F.cross_entropy, recorder: Recorder | None = None,
+            forward_only: bool = False) -> torch.Tensor | None:
     """Run this rank's stage of ``schedule`` in the pipeline over ``group``; return the loss (chapter 4.2).
 
     Call on every rank of ``group`` at once; stage s is the rank s of ``group`` (None: the
@@ -151,6 +152,9 @@ def execute(stage: nn.Module, schedule: Sequence[_schedules.Op], x: torch.Tensor
     ``recorder`` (``bench.pipeline.StepRecorder()``) is told when each op waits, computes
     and ends, and what autograd saves; without one nothing is measured and the ranks
     never wait for the device.
+
+    ``forward_only=True`` runs only the schedule's forwards, without autograd: the loss of
+    an evaluation batch (chapter 4, hybrid training).
     """
     index, stages = dist.get_rank(group), dist.get_world_size(group)
     microbatches = max((o.microbatch for o in schedule), default=-1) + 1
@@ -163,6 +167,8 @@ def execute(stage: nn.Module, schedule: Sequence[_schedules.Op], x: torch.Tensor
     xs = x.to(device).chunk(microbatches) if first else None
     ys = y.to(device).chunk(microbatches) if last else None
     ops = _schedules.stage_ops(schedule, index)
+    if forward_only:
+        ops = [o for o in ops if o.kind == "F"]
     inbox = p2p.PostedReceives(group, device)
     anchor = torch.empty((), device=device, requires_grad=True)
     stash: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}  # j -> (input, output, input's gradient)
@@ -207,13 +213,14 @@ def execute(stage: nn.Module, schedule: Sequence[_schedules.Op], x: torch.Tensor
                 inp = _StageInput.apply(buf, anchor, sink)
             post(k + 1)
             rec.computing()
-            with rec.saved_tensors():
+            with rec.saved_tensors(), torch.set_grad_enabled(not forward_only):
                 out = run_stage(index, stage, inp)
                 if last:
                     out = loss_fn(out, ys[j]) / microbatches
                     loss += out.detach()
             rec.forward_done(op, inp, out)
-            stash[j] = (inp, out, sink)
+            if not forward_only:
+                stash[j] = (inp, out, sink)
             if not last:
                 sent_fwd[j] = p2p.send(out, nxt, group, with_header=not header_sent)
                 header_sent = True

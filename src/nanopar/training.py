@@ -117,8 +117,12 @@ def _micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
     return zip(x.chunk(k), y.chunk(k))
 
 
-def train_single(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
-    """The reference: one process, the whole global batch per step (chapter 3.1)."""
+def train_single(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> dict[str, Any]:
+    """The reference: one process, the whole global batch per step (chapter 3.1).
+
+    ``loss_fn(output, target)`` is a micro-batch's mean loss (``models.gpt_loss`` for a language model).
+    """
     torch.manual_seed(cfg.seed)
     model = build()
     opt = make_optimizer(cfg, model.parameters())
@@ -127,7 +131,7 @@ def train_single(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
         opt.zero_grad()
         total = 0.0
         for xm, ym in _micro_batches(xb, yb, cfg.accumulate):
-            loss = F.cross_entropy(model(xm), ym) / cfg.accumulate
+            loss = loss_fn(model(xm), ym) / cfg.accumulate
             loss.backward()
             total += loss.item()
         losses.append(total)
