@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from nanopar import cost, schedules
+from nanopar import cost, memory_model, schedules
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -241,18 +241,29 @@ def test_each_calculator_is_on_a_page(visits):
     assert placed["chapters/01_background/memory_and_compute"] == ["memory"]
 
 
-def test_memory_calculator_shows_what_cost_computes(context, site, visits):
+def test_memory_calculator_shows_what_the_memory_model_computes(context, site, visits):
     page, problems, root, shown = calculator(context, site, visits, "memory")
-    for params, precision, optimizer in [(70, "fp32", "momentum"), (1.3, "mixed", "adam"), (0.35, "fp32", "sgd")]:
+    shape = dict(batch=2, seq=2048, hidden=8192, layers=80, heads=64)
+    cases = [(70, "fp32", "momentum", 0, (1, 1, 1), "off"), (1.3, "mixed", "adam", 2, (8, 2, 1), "saved"),
+             (175, "mixed_fp32_grad_copy", "adam", 3, (16, 8, 4), "checkpointed"),
+             (0.35, "autocast", "sgd", 1, (4, 1, 2), "saved")]
+    for params, precision, optimizer, stage, (dp, tp, pp), activations in cases:
         root.locator('[name="params"]').fill(str(params))
-        root.locator('[name="precision"]').select_option(precision)
-        root.locator('[name="optimizer"]').select_option(optimizer)
-        b = cost.bytes_per_param(precision, optimizer)
-        for kind in ("weights", "grads", "optimizer"):
+        for name, value in [("precision", precision), ("optimizer", optimizer), ("zeroStage", str(stage)),
+                            ("activations", activations), ("attention", "fused"), ("dropout", "no")]:
+            root.locator(f'[name="{name}"]').select_option(value)
+        for name, value in [("dp", dp), ("tp", tp), ("pp", pp), *shape.items()]:
+            root.locator(f'[name="{name}"]').fill(str(value))
+        spec = None if activations == "off" else memory_model.ActivationSpec(
+            **shape, checkpointing=activations == "checkpointed", attention="fused", dropout=False)
+        expected = memory_model.memory_per_device(params * 1e9, precision, optimizer, stage, dp, tp, pp, spec)
+        b = memory_model.bytes_per_param(precision, optimizer)
+        for kind in ("weights", "grads", "optimizer", "total"):
             assert shown(f"{kind}-per-param") == str(getattr(b, kind))
-            assert shown(f"{kind}-gib") == f"{cost.gib(params * 1e9 * getattr(b, kind)):,.1f}"
-        assert shown("total-per-param") == str(b.total)
-        assert shown("total-gib") == f"{cost.gib(cost.training_memory_bytes(params * 1e9, precision, optimizer)):,.1f}"
+        for kind in (*memory_model.MEMORY_KINDS, "total"):
+            assert shown(f"{kind}-gib") == f"{memory_model.gib(expected[kind]):,.1f}", (kind, params, precision)
+    root.locator('[name="tp"]').fill("3")
+    assert "choose tp dividing the number of heads" in root.locator(".calculator-error").inner_text()
     page.close()
     assert problems == []
 

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from nanopar import cost, schedules
+from nanopar import cost, memory_model, schedules
 
 CALCULATORS = pathlib.Path(__file__).resolve().parents[1] / "book" / "_static" / "calculators"
 
@@ -53,27 +53,71 @@ def python_error(call) -> str:
 
 
 PARAMS = [1, 1_000, 16_640, 1.3e9, 7e9, 70e9, 175e9, 1e12]
+GRIDS = [(1, 1, 1), (8, 1, 1), (64, 1, 1), (3, 2, 2), (4, 8, 4), (1, 4, 8)]
+SPECS = [None, dict(batch=1, seq=4096, hidden=4096, layers=32, heads=32),
+         dict(batch=4, seq=2048, hidden=12288, layers=96, heads=96, checkpointing=True),
+         dict(batch=3, seq=64, hidden=128, layers=8, heads=8, attention="fused", dropout=False),
+         dict(batch=2, seq=128, hidden=256, layers=16, heads=16, checkpointing=True, attention="fused")]
 
 
-def test_memory_calculator_equals_cost():
-    cases = list(itertools.product(PARAMS, cost.PRECISIONS, cost.OPTIMIZERS))
-    results = call_js("memory.js", [("memoryPerDevice", [{"params": n, "precision": p, "optimizer": o}])
-                                    for n, p, o in cases])
-    for (n, precision, optimizer), result in zip(cases, results):
-        b = cost.bytes_per_param(precision, optimizer)
-        js = result["value"]
-        assert js["perParam"] == {"weights": b.weights, "grads": b.grads, "optimizer": b.optimizer, "total": b.total}
-        assert js["bytes"]["total"] == pytest.approx(cost.training_memory_bytes(n, precision, optimizer), rel=1e-15)
-        for kind in ("weights", "grads", "optimizer"):
-            assert js["bytes"][kind] == pytest.approx(n * getattr(b, kind), rel=1e-15)
+def memory_cases():
+    for n, precision, optimizer, stage, (dp, tp, pp), spec in itertools.product(
+            PARAMS[::2], memory_model.PRECISIONS, memory_model.OPTIMIZERS, memory_model.ZERO_STAGES, GRIDS, SPECS):
+        yield dict(params=n, precision=precision, optimizer=optimizer, zero_stage=stage, dp=dp, tp=tp, pp=pp,
+                   activations=spec)
 
 
-def test_memory_calculator_refuses_what_cost_refuses():
-    bad = [("fp8", "adam", 1e9), ("fp32", "lion", 1e9), ("mixed", "adam", 0)]
-    results = call_js("memory.js", [("memoryPerDevice", [{"params": n, "precision": p, "optimizer": o}])
-                                    for p, o, n in bad])
-    for (precision, optimizer, n), result in zip(bad, results):
-        assert result["error"] == python_error(lambda: cost.training_memory_bytes(n, precision, optimizer))
+def js_memory_args(case: dict) -> dict:
+    return {("zeroStage" if k == "zero_stage" else k): v for k, v in case.items()}
+
+
+def python_memory(case: dict) -> dict:
+    spec = case["activations"]
+    return memory_model.memory_per_device(**{**case, "activations": spec and memory_model.ActivationSpec(**spec)})
+
+
+def test_memory_calculator_equals_memory_model():
+    cases = list(memory_cases())
+    results = call_js("memory.js", [("memoryPerDevice", [js_memory_args(c)]) for c in cases])
+    checked = 0
+    for case, result in zip(cases, results):
+        expected = python_memory(case)
+        assert result["value"] == pytest.approx(expected, rel=1e-14), case
+        checked += expected["activations"] > 0
+    assert checked > 1000  # the grid does count activations
+
+
+def test_memory_calculator_bytes_per_param_equal_memory_model():
+    cases = list(itertools.product(memory_model.PRECISIONS, memory_model.OPTIMIZERS))
+    results = call_js("memory.js", [("bytesPerParam", list(case)) for case in cases])
+    for case, result in zip(cases, results):
+        b = memory_model.bytes_per_param(*case)
+        assert result["value"] == {"weights": b.weights, "grads": b.grads, "optimizer": b.optimizer, "total": b.total}
+
+
+BAD_MEMORY = [
+    dict(params=1e9, precision="fp8"),
+    dict(params=1e9, optimizer="lion"),
+    dict(params=0),
+    dict(params=1e9, zero_stage=4),
+    dict(params=1e9, zero_stage=-1),
+    dict(params=1e9, dp=0),
+    dict(params=1e9, tp=2.5),
+    dict(params=1e9, pp=-3),
+    dict(params=1e9, tp=3, activations=dict(batch=1, seq=8, hidden=64, layers=4, heads=4)),
+    dict(params=1e9, pp=3, activations=dict(batch=1, seq=8, hidden=64, layers=4, heads=4)),
+    dict(params=1e9, activations=dict(batch=0, seq=8, hidden=64, layers=4, heads=4)),
+    dict(params=1e9, activations=dict(batch=1, seq=8, hidden=64, layers=4, heads=1.5)),
+    dict(params=1e9, activations=dict(batch=1, seq=8, hidden=64, layers=4, heads=4, attention="sparse")),
+]
+
+
+def test_memory_calculator_refuses_what_memory_model_refuses():
+    results = call_js("memory.js", [("memoryPerDevice", [js_memory_args({"activations": None, **case})])
+                                    for case in BAD_MEMORY])
+    for case, result in zip(BAD_MEMORY, results):
+        assert "error" in result, case
+        assert result["error"] == python_error(lambda: python_memory({"activations": None, **case})), case
 
 
 GRID = [(name, p, m) for name in schedules.SCHEDULES for p in range(1, 6) for m in range(1, 9)]

@@ -15,7 +15,7 @@ from nanopar.bench import zero as bench_zero
 from nanopar.bench.traffic import count_traffic
 from nanopar.launch import RankError, run
 from nanopar.sharding import split_batch
-from nanopar.training import seeded
+from nanopar.training import TrainConfig, seeded
 
 # n_embd = 10 gives units (embedding, 2 blocks, head) of 210, 1330, 1330 and 150 elements:
 # none pads at N = 2, both blocks pad at N = 3, every unit pads at N = 4.
@@ -188,40 +188,22 @@ def test_a_bad_optimizer_factory_is_a_clear_error_and_the_other_rank_does_not_ha
         run(no_optimizer_on_rank_1, 2, backend="gloo", timeout=60)
 
 
-def fsdp1_hybrid_shard(ctx):
-    """Worker: FSDP1 HYBRID_SHARD (one unit per block) trains the GPT with SGD on 4 ranks, first without
-    a device mesh, then on a 2 × 2 mesh; the full parameters and the warnings about NO_SHARD of each."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    out = []
-    for mesh in (None, init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))):
-        net = BUILD()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = FullyShardedDataParallel(net, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
-                                             auto_wrap_policy=ModuleWrapPolicy({models.Block}),
-                                             device_id=torch.device("cpu"), device_mesh=mesh)
-        optimizer = OPTIMIZERS["sgd"](model.parameters())
-        for x, y in _batches():
-            optimizer.zero_grad()
-            models.gpt_loss(model(split_batch(x, ctx.rank, 4)), split_batch(y, ctx.rank, 4)).backward()
-            optimizer.step()
-        with FullyShardedDataParallel.summon_full_params(model):
-            params = {k.replace("_fsdp_wrapped_module.", ""): v.detach().clone() for k, v in net.named_parameters()}
-        out.append((params, [str(w.message) for w in caught if "NO_SHARD" in str(w.message)]))
-    return out
-
-
 def test_fsdp1_hybrid_shard_on_cpu_skips_the_cross_rank_reduction_unless_the_mesh_is_explicit(references):
     """torch 2.14.1: without a mesh, HYBRID_SHARD shards within a "node" of torch.cpu.device_count() = 1
     rank, clamps that group of one to NO_SHARD (warning that it does) and all-reduces the gradients
     within it only: the replicas never average. A 2-D mesh of 2 replicas × 2 shards is correct."""
-    (default, switched), (meshed, meshed_switched) = run(fsdp1_hybrid_shard, 4, backend="gloo", timeout=240)[0]
+    sgd = TrainConfig(steps=STEPS, global_batch=BATCH, lr=0.1)  # OPTIMIZERS["sgd"] over _batches()
+    (default, switched), (meshed, meshed_switched) = run(bench_zero.fsdp1_hybrid_shard, 4, BUILD, X, Y, sgd,
+                                                         backend="gloo", timeout=240)[0]
     torch.testing.assert_close(meshed, references["sgd"])
     assert max((default[k] - v).abs().max().item() for k, v in references["sgd"].items()) > 1e-3
     assert switched and "switching to use `NO_SHARD`" in switched[0] and not meshed_switched
+
+
+def test_fsdp1_hybrid_shard_on_an_odd_number_of_ranks_is_a_clear_error():
+    with pytest.raises(RankError, match="even number of ranks, got 1"):
+        run(bench_zero.fsdp1_hybrid_shard, 1, BUILD, X, Y, TrainConfig(steps=1, global_batch=BATCH),
+            backend="gloo", timeout=60)
 
 
 @pytest.fixture(scope="module")

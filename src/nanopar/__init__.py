@@ -9,7 +9,9 @@ concern and names the chapter that explains it:
                ``torchrun`` (ranks started by torchrun), ``rank_stacks`` (where a hung
                rank is) and ``failures`` (which failed rank to blame)
 * ``comm``     collectives helpers and a ring all-reduce from send/recv (chapter 2)
-* ``cost``     memory and compute models of training (chapter 1)
+* ``cost``     compute and time models of training (chapters 1, 2)
+* ``memory_model`` memory per device: training state, activations, ZeRO and the grid
+               (chapters 1, 3.3, 6)
 * ``models``   the models the chapters train, split and shard
 * ``data_parallel``, ``buckets``, ``sharding``, ``sync_batchnorm``, ``training``
                data parallelism from scratch, and the loops that check it (chapters 3.1, 4.1)

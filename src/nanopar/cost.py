@@ -1,76 +1,30 @@
-"""Memory, compute and communication models of training (chapters 1 and 2).
+"""Compute and time models of training, and the cost tables built on them (chapters 1 and 2).
 
-How many bytes the training state takes per parameter, how many FLOPs a training run
-needs (about 6·N·D), how long that takes on N devices, how long an all-reduce takes in
-the α–β model. ``nanopar.bench.memory`` checks the memory model against the tensors
-PyTorch really allocates.
+How many FLOPs a training run needs (about 6·N·D), how long that takes on N devices, how
+long an all-reduce takes in the α–β model. Memory lives in :mod:`nanopar.memory_model`;
+its chapter-1 names are importable from here too, as the chapter's notebook uses them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-
-PRECISIONS = ("fp32", "mixed")
-OPTIMIZERS = ("sgd", "momentum", "adam")
-# State tensors per parameter that each optimizer keeps (momentum buffer; Adam's m and v).
-_OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+# Chapter 1's notebook uses these names of the memory model through this module.
+from .memory_model import (  # noqa: F401
+    OPTIMIZERS,
+    PRECISIONS,
+    bytes_per_param,
+    check_choice,
+    check_positive,
+    gib,
+    memory_per_device,
+    training_memory_bytes,
+)
 
 # NVIDIA A100 datasheet: dense bf16 tensor-core peak and the memory of the large model.
 A100_PEAK_FLOPS = 312e12
 A100_MEMORY_GIB = 80.0
 # Model FLOPs utilization (MFU) that well-tuned large runs reach: 30-50% is typical.
 DEFAULT_UTILIZATION = 0.4
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """A clear error when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-
-
-def check_positive(**values: float) -> None:
-    """A clear error naming each value that is not positive."""
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-
-
-@dataclass(frozen=True)
-class BytesPerParam:
-    """Bytes of training state per parameter, by kind (chapter 1)."""
-
-    weights: int
-    grads: int
-    optimizer: int
-
-    @property
-    def total(self) -> int:
-        """Weights + gradients + optimizer state."""
-        return self.weights + self.grads + self.optimizer
-
-
-def bytes_per_param(precision: str = "fp32", optimizer: str = "adam") -> BytesPerParam:
-    """Bytes per parameter of weights, gradients and optimizer state (chapter 1).
-
-    ``"fp32"`` keeps everything in 4-byte floats. ``"mixed"`` (Micikevicius et al. 2018)
-    keeps 2-byte fp16/bf16 weights and gradients for the forward and backward passes,
-    and the optimizer keeps an fp32 master copy of the weights plus its fp32 states, so
-    mixed-precision Adam takes 2 + 2 + (4 + 4 + 4) = 16 bytes, as in the ZeRO paper.
-    Activations come on top and are not counted.
-    """
-    check_choice("precision", precision, PRECISIONS)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    states = 4 * _OPTIMIZER_STATES[optimizer]
-    if precision == "fp32":
-        return BytesPerParam(weights=4, grads=4, optimizer=states)
-    return BytesPerParam(weights=2, grads=2, optimizer=4 + states)
-
-
-def training_memory_bytes(n_params: float, precision: str = "fp32", optimizer: str = "adam") -> float:
-    """Bytes of training state (weights, gradients, optimizer) for a model, without activations (chapter 1)."""
-    check_positive(n_params=n_params)
-    return n_params * bytes_per_param(precision, optimizer).total
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
@@ -134,11 +88,6 @@ def allreduce_time(algorithm: str, ranks: int, nbytes: float, alpha_s: float, ba
     return 2 * (ranks - 1) * message
 
 
-def gib(n_bytes: float) -> float:
-    """Bytes in GiB (2**30 bytes), the unit GPU memory is quoted in (chapter 1)."""
-    return n_bytes / 2**30
-
-
 def days(seconds: float) -> float:
     """Seconds in days (chapter 1)."""
     return seconds / 86400
@@ -184,6 +133,7 @@ def reference_table(
     optimizer: str = "adam",
     peak_flops_per_device: float = A100_PEAK_FLOPS,
     utilization: float = DEFAULT_UTILIZATION,
+    precisions: tuple[str, ...] = ("fp32", "mixed"),
 ) -> list[CostRow]:
     """Training cost of the :data:`REFERENCE_MODELS`, activations not counted (chapter 1)."""
     rows = []
@@ -193,7 +143,7 @@ def reference_table(
             model=m.name,
             params=m.params,
             tokens=m.tokens,
-            memory_gib={p: gib(training_memory_bytes(m.params, p, optimizer)) for p in PRECISIONS},
+            memory_gib={p: gib(training_memory_bytes(m.params, p, optimizer)) for p in precisions},
             flops=flops,
             days={n: days(training_time_s(flops, n, peak_flops_per_device, utilization)) for n in devices},
         ))
@@ -211,15 +161,15 @@ def _days(d: float) -> str:
 
 def format_table(rows: list[CostRow]) -> str:
     """The rows of :func:`reference_table` as a text table under 80 columns (chapter 1)."""
-    counts = list(rows[0].days)
-    memory = "".join(f"{p:>7}" for p in PRECISIONS)
+    counts, precisions = list(rows[0].days), list(rows[0].memory_gib)
+    memory = "".join(f"{p:>7}" for p in precisions)
     widths = {n: len(f"days on {n}") + 2 for n in counts}
     header = f"{'model':<14}{'params':>7}{'tokens':>7}{memory}{'FLOPs':>9}"
     header += "".join(f"{f'days on {n}':>{widths[n]}}" for n in counts)
     lines = [f"{'':<28}{'state GiB':^{len(memory)}}".rstrip(), header, "-" * len(header)]
     for r in rows:
         line = f"{r.model:<14}{_count(r.params):>7}{_count(r.tokens):>7}"
-        line += "".join(f"{r.memory_gib[p]:>7,.0f}" for p in PRECISIONS)
+        line += "".join(f"{r.memory_gib[p]:>7,.0f}" for p in precisions)
         line += f"{r.flops:>9.1e}" + "".join(f"{_days(r.days[n]):>{widths[n]}}" for n in counts)
         lines.append(line)
     return "\n".join(lines)
@@ -242,7 +192,8 @@ def describe_training(
     """
     n, d = params_billion * 1e9, tokens_trillion * 1e12
     per_param = bytes_per_param(precision, optimizer)
-    state = gib(training_memory_bytes(n, precision, optimizer))
+    state = gib(memory_per_device(n, precision, optimizer)["total"])
+    sharded = gib(memory_per_device(n, precision, optimizer, zero_stage=3, dp=devices)["total"])
     flops = training_flops(n, d)
     seconds = training_time_s(flops, devices, peak_tflops * 1e12, utilization)
     fits = {True: "fits", False: "does not fit"}
@@ -252,8 +203,8 @@ def describe_training(
         f"training state without activations: {state:,.1f} GiB",
         f"  replicated on each device (data parallel): {state:,.1f} GiB per device, "
         f"{fits[state <= device_memory_gib]} in {device_memory_gib:g} GiB",
-        f"  sharded over {devices} devices (ZeRO-3 / FSDP): {state / devices:,.1f} GiB per device, "
-        f"{fits[state / devices <= device_memory_gib]} in {device_memory_gib:g} GiB",
+        f"  sharded over {devices} devices (ZeRO-3 / FSDP): {sharded:,.1f} GiB per device, "
+        f"{fits[sharded <= device_memory_gib]} in {device_memory_gib:g} GiB",
         f"compute: 6 x params x tokens = {flops:.2e} FLOPs",
         f"time on {devices} devices at {peak_tflops:g} TFLOP/s peak and {utilization:.0%} utilization: "
         f"{days(seconds):,.1f} days",

@@ -49,27 +49,23 @@ from torch.distributed.tensor import DTensor
 from . import cost
 from .comm import all_gather_single, reduce_scatter_single
 from .data_parallel import broadcast_parameters
+from .memory_model import ZERO_STAGES, check_zero_stage, memory_per_device
 
-STAGES = (0, 1, 2, 3)
+STAGES = ZERO_STAGES
 
 
 def zero_bytes_per_rank(params: float, world_size: int, stage: int, precision: str = "fp32",
                         optimizer: str = "adam") -> dict[str, float]:
     """Bytes of parameters, gradients and optimizer state one rank holds under ZeRO (chapter 6.5).
 
-    With Ψ = ``params``, N ranks and the bytes per parameter of :func:`nanopar.cost.bytes_per_param`
+    With Ψ = ``params``, N ranks and the bytes per parameter of :func:`nanopar.memory_model.bytes_per_param`
     (mixed precision: 2, 2 and K = 12 for Adam; fp32: 4, 4 and K = 8): stage 0 keeps
-    (2 + 2 + K)Ψ, stage 1 2Ψ + 2Ψ + KΨ/N, stage 2 2Ψ + (2Ψ + KΨ)/N, stage 3 (4Ψ + KΨ)/N.
+    (2 + 2 + K)Ψ, stage 1 2Ψ + 2Ψ + KΨ/N, stage 2 2Ψ + (2Ψ + KΨ)/N, stage 3 (4Ψ + KΨ)/N,
+    as :func:`nanopar.memory_model.memory_per_device` computes them.
     """
-    _check_stage(stage)
-    cost.check_positive(params=params, world_size=world_size)
-    per = cost.bytes_per_param(precision, optimizer)
-    n = world_size
-    out = {"param_bytes": per.weights * params / (n if stage >= 3 else 1),
-           "grad_bytes": per.grads * params / (n if stage >= 2 else 1),
-           "optim_bytes": per.optimizer * params / (n if stage >= 1 else 1)}
-    out["total_bytes"] = sum(out.values())
-    return out
+    m = memory_per_device(params, precision, optimizer, zero_stage=stage, dp=world_size)
+    return {"param_bytes": m["weights"], "grad_bytes": m["grads"], "optim_bytes": m["optimizer"],
+            "total_bytes": m["total"]}
 
 
 def zero_comm_bytes(params: float, world_size: int, stage: int, element_bytes: int = 4) -> float:
@@ -78,16 +74,10 @@ def zero_comm_bytes(params: float, world_size: int, stage: int, element_bytes: i
     Stages 0–2 move 2(N−1)/N · Ψ elements (an all-reduce, or a reduce-scatter and an
     all-gather of (N−1)/N · Ψ each); stage 3 gathers the parameters twice: 3(N−1)/N · Ψ.
     """
-    _check_stage(stage)
+    check_zero_stage(stage)
     cost.check_positive(params=params, world_size=world_size)
     rounds = 3 if stage == 3 else 2
     return rounds * (world_size - 1) / world_size * params * element_bytes
-
-
-def _check_stage(stage: object) -> None:
-    if isinstance(stage, bool) or stage not in STAGES:
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3 (0: plain data parallelism; 1: shard the "
-                         f"optimizer state; 2: also the gradients; 3: also the parameters), got {stage!r}")
 
 
 class _Unit:
@@ -207,7 +197,7 @@ class ZeroDataParallel(nn.Module):
     def __init__(self, module: nn.Module, optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                  stage: int, group=None, units: list[nn.Module] | None = None):
         super().__init__()
-        _check_stage(stage)
+        check_zero_stage(stage)
         self.module, self.stage, self.group = module, stage, group
         groups = _group_parameters(module, units)  # checks the input before any collective
         broadcast_parameters(module, group=group)  # every rank starts from the group's first rank's weights

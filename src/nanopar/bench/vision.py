@@ -19,26 +19,7 @@ import torch.nn.functional as F
 from ..launch import RankContext, run
 from ..models import resnet50
 from ..training import make_classification_data, seeded
-
-
-def _saved_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Activation bytes autograd keeps for the backward pass of one forward, each storage once.
-
-    The weights it also saves (a convolution's backward needs them) are not activations.
-    """
-    held: dict[int, int] = {}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            held[ptr] = max(held.get(ptr, 0), t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return sum(held.values())
+from .memory import saved_activation_bytes
 
 
 def image_size_timings(ctx: RankContext, sizes: Sequence[int], batch: int, classes: int,
@@ -49,7 +30,8 @@ def image_size_timings(ctx: RankContext, sizes: Sequence[int], batch: int, class
     model = seeded(functools.partial(resnet50, classes))
     grads = torch.zeros(sum(p.numel() for p in model.parameters()))
     data = {s: make_classification_data(batch, (3, s, s), classes) for s in sizes}
-    out = {s: {"compute_s": [], "allreduce_s": [], "activation_bytes": _saved_bytes(model, *data[s])} for s in sizes}
+    out = {s: {"compute_s": [], "allreduce_s": [], "activation_bytes": saved_activation_bytes(
+        model, lambda: F.cross_entropy(model(data[s][0]), data[s][1]))} for s in sizes}
     for r in range(rounds + 1):
         for s in sizes:
             dist.barrier()

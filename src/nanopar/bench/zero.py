@@ -19,11 +19,15 @@ each rank sends per step, counted at the collectives (:mod:`nanopar.bench.traffi
 factors; DDP's all-reduce goes through its default comm hook so that it can be counted),
 beside :func:`nanopar.zero.zero_comm_bytes`; the median step (the slowest rank's); and the
 largest difference of its parameters from one process training on the same global batches.
+
+:func:`fsdp1_hybrid_shard` is the worker of chapter 6.5's lesson in checking an engine against
+one process: FSDP1's ``HYBRID_SHARD`` on CPU, without and with an explicit 2-D device mesh.
 """
 from __future__ import annotations
 
 import functools
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +39,7 @@ from torch import nn
 from .. import models, text
 from ..launch import RankContext, run
 from ..sharding import split_batch
-from ..training import TrainConfig, global_batches, seeded, train_single
+from ..training import TrainConfig, global_batches, make_optimizer, seeded, train_single
 from ..zero import ZeroDataParallel, state_bytes, zero_bytes_per_rank, zero_comm_bytes
 from .common import KEEP_FREED_MEMORY, slowest_rank, timed
 from .traffic import count_traffic
@@ -198,3 +202,39 @@ def bench_zero(world_sizes: Sequence[int] = (2, 4), quick: bool = False, rounds:
                 "rounds": rounds, "steps_per_round": steps_per_round,
                 "max_abs_diff_vs_single": max((params[k] - v).abs().max().item() for k, v in reference.items())})
     return records
+
+
+def fsdp1_hybrid_shard(ctx: RankContext, build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
+                       cfg: TrainConfig) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
+    """Worker: FSDP1 ``HYBRID_SHARD`` (one unit per GPT block) trains ``build()`` twice, first without a
+    device mesh, then on a mesh of N/2 replicas × 2 shards (chapter 6.5).
+
+    Returns, per run, this rank's full parameters and the warnings that mention ``NO_SHARD``. On a CPU
+    (torch 2.14.1) the run without a mesh shards within a "node" of ``torch.cpu.device_count()`` = 1
+    rank, switches that group of one to ``NO_SHARD`` (warning so) and reduces the gradients within it
+    only: the replicas never average. The explicit mesh gives each shard group 2 ranks.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if size % 2:
+        raise ValueError(f"a mesh of replicas × 2 shards needs an even number of ranks, got {size}: use 2, 4, …")
+    out = []
+    for mesh in (None, init_device_mesh("cpu", (size // 2, 2), mesh_dim_names=("replicate", "shard"))):
+        net = build()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = FullyShardedDataParallel(net, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                                             auto_wrap_policy=ModuleWrapPolicy({models.Block}),
+                                             device_id=torch.device("cpu"), device_mesh=mesh)
+        optimizer = make_optimizer(cfg, model.parameters())
+        for xb, yb in global_batches(x, y, cfg):
+            optimizer.zero_grad()
+            models.gpt_loss(model(split_batch(xb, rank, size)), split_batch(yb, rank, size)).backward()
+            optimizer.step()
+        with FullyShardedDataParallel.summon_full_params(model):
+            params = {k.replace("_fsdp_wrapped_module.", ""): v.detach().clone() for k, v in net.named_parameters()}
+        out.append((params, [str(w.message) for w in caught if "NO_SHARD" in str(w.message)]))
+    return out
