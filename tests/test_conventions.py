@@ -97,14 +97,14 @@ def test_every_chapter_of_the_article_is_in_the_book():
     positions = [TOC.index(f"chapters/{c}/index") for c in chapters]
     assert positions == sorted(positions)
     for c in chapters:
-        # A chapter's prose is its overview page and its section pages (chapters 3 to 5).
+        # A chapter's prose is its overview page and its section pages (chapters 3 to 6).
         words = sum(len(md.read_text().split()) for md in (ROOT / "chapters" / c).glob("*.md"))
         assert words > 500, f"{c} needs real prose"
 
 
 def test_only_the_articles_sections_are_numbered():
     """Chapter pages with section pages are overviews: a `##` there would take the number 3.1."""
-    for c in ("03_algorithms", "04_practice", "05_applications"):
+    for c in ("03_algorithms", "04_practice", "05_applications", "06_tools"):
         index = (ROOT / "chapters" / c / "index.md").read_text()
         assert not re.search(r"^##? ", index.split("\n", 2)[2], re.M), f"{c}/index.md: move sections to their pages"
     sections = yaml.safe_load((ROOT / "book/sections.yml").read_text())
