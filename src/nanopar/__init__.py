@@ -19,9 +19,20 @@ concern and names the chapter that explains it:
                model parallelism: the article's split, pipeline schedules as data, the
                stages' messages, a multi-process pipeline executor, and PyTorch's engine
                on the same stages (chapters 3.2, 4.2)
+* ``grid``, ``tensor_parallel``, ``hybrid``, ``comm_volume``
+               hybrid parallelism: the dp × pp × tp grid and its groups, Megatron tensor
+               parallelism, training on a grid, and the bytes each axis moves (chapters 3.3, 4)
+* ``train``, ``checkpoint``
+               ``python -m nanopar.train`` (also under torchrun), with atomic checkpoints (chapter 4)
+* ``text``     the shipped Shakespeare corpus and its character tokenizer (chapter 5.1)
+* ``length_batching``  batches of uneven lengths: random, bucketed, balanced (chapter 5.3)
+* ``embedding_sharding``, ``recsys``
+               embedding tables sharded table-wise and row-wise; a DLRM-like model (chapter 5.4)
+* ``zero``     ZeRO stages 0-3 from scratch (chapter 6.5)
 * ``bench``    benchmarks behind ``python -m nanopar bench …`` and the analysis of their
-               runs: ``collectives``, ``dp``, ``pipeline``, ``microbatching``, ``memory``
-               (chapters 1, 2, 4)
+               runs: ``collectives``, ``dp``, ``pipeline``, ``microbatching``, ``memory``,
+               ``vision``, ``lengths``, ``hybrid``, ``zero``, and ``traffic`` (bytes
+               counted at the collectives) (chapters 1 to 6)
 * ``plotting`` the book's figures; ``notebook`` hands measured values to the book's prose
 """
 from . import devices
