@@ -136,8 +136,8 @@ def _per_group(ctx, partition, data):
     return _sharded(ctx, *data[g], partition=partition)
 
 
-def _train(ctx, batches, lr):
-    model = parallelize_gpt(BUILD(), None)
+def _sgd(model, batches, lr):
+    """The losses of SGD steps on ``batches``, training ``model`` in place."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for x, y in batches:
@@ -146,6 +146,12 @@ def _train(ctx, batches, lr):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def _train(ctx, batches, lr):
+    model = parallelize_gpt(BUILD(), None)
+    losses = _sgd(model, batches, lr)
     trained = full_state_dict(model, None)
     other = seeded(functools.partial(models.gpt, CONFIG), seed=1).state_dict()
     load_full_state_dict(model, other, None)
@@ -155,14 +161,7 @@ def _train(ctx, batches, lr):
 def test_sgd_steps_equal_single_process_training_and_the_state_round_trips():
     batches = [batch(seed=0)[:2]] * 3 + [batch(seed=1)[:2]]
     model = BUILD()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = models.gpt_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _sgd(model, batches, 0.5)
     assert losses[2] < losses[0] - 0.05  # it did learn: the steps were not zero
     for got in gloo(_train, 2, batches, 0.5):
         assert got["losses"] == pytest.approx(losses, rel=1e-5)

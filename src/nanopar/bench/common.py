@@ -15,7 +15,10 @@ import statistics
 import time
 from typing import Callable, NamedTuple, Sequence
 
+import torch
 import torch.distributed as dist
+
+from .. import models, text
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -64,3 +67,14 @@ def timed(op: Callable[[], object], barrier: bool, repeat: int = 1) -> float:
     for _ in range(repeat):
         op()
     return (time.perf_counter() - t0) / repeat
+
+
+def gpt_on_text(sizes: dict[str, int], sequences: int,
+                seed: int = 0) -> tuple[models.GPTConfig, torch.Tensor, torch.Tensor]:
+    """A GPT of ``sizes`` over the shipped corpus's characters, and ``sequences`` random windows
+    of the text with their next-token targets: the data of ``bench hybrid`` and ``bench zero``."""
+    corpus = text.load_corpus()
+    tok = text.CharTokenizer(corpus)
+    config = models.GPTConfig(vocab_size=tok.vocab_size, **sizes)
+    x, y = text.get_batch(tok.encode(corpus), sequences, config.block_size, torch.Generator().manual_seed(seed))
+    return config, x, y

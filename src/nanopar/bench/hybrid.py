@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .. import devices, models, schedules, text
+from .. import devices, models, schedules
 from ..comm_volume import gpt_param_counts, hybrid_comm_bytes
 from ..grid import AXES, Grid, Topology
 from ..hybrid import build_hybrid, check_batch, full_parameters, gpt_boundaries, hybrid_step, \
@@ -30,7 +30,7 @@ from ..hybrid import build_hybrid, check_batch, full_parameters, gpt_boundaries,
 from ..launch import RankContext, run
 from ..tensor_parallel import parallelize_gpt
 from ..training import TrainConfig, global_batches, make_optimizer, seeded
-from .common import KEEP_FREED_MEMORY, slowest_rank, timed
+from .common import KEEP_FREED_MEMORY, gpt_on_text, slowest_rank, timed
 from .traffic import count_traffic
 
 HYBRID_WORLD = 4
@@ -56,11 +56,7 @@ def _build(config: models.GPTConfig) -> Any:
 def hybrid_data(quick: bool, batch: int, steps: int,
                 seed: int = 0) -> tuple[models.GPTConfig, torch.Tensor, torch.Tensor]:
     """The GPT of ``bench hybrid`` and ``steps`` global batches of ``batch`` windows of Shakespeare (chapter 3.3)."""
-    corpus = text.load_corpus()
-    tok = text.CharTokenizer(corpus)
-    config = models.GPTConfig(vocab_size=tok.vocab_size, **(HYBRID_QUICK_MODEL if quick else HYBRID_MODEL))
-    x, y = text.get_batch(tok.encode(corpus), steps * batch, config.block_size, torch.Generator().manual_seed(seed))
-    return config, x, y
+    return gpt_on_text(HYBRID_QUICK_MODEL if quick else HYBRID_MODEL, steps * batch, seed)
 
 
 def hybrid_timed_steps(ctx: RankContext, shapes: Sequence[tuple[int, int, int]], config: models.GPTConfig,

@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import models, text
+from .. import models
 from ..launch import RankContext, run
 from ..sharding import split_batch
 from ..training import TrainConfig, global_batches, make_optimizer, seeded, train_single
 from ..zero import ZeroDataParallel, state_bytes, zero_bytes_per_rank, zero_comm_bytes
-from .common import KEEP_FREED_MEMORY, slowest_rank, timed
+from .common import KEEP_FREED_MEMORY, gpt_on_text, slowest_rank, timed
 from .traffic import count_traffic
 
 ZERO_CONFIGS = (("ddp", 0), ("nanopar", 0), ("nanopar", 1), ("nanopar", 2), ("nanopar", 3),
@@ -109,11 +109,7 @@ def zero_trainer(impl: str, stage: int, net: nn.Module, lr: float = LR) -> _Trai
 def zero_data(quick: bool, batch: int, steps: int,
               seed: int = 0) -> tuple[models.GPTConfig, torch.Tensor, torch.Tensor]:
     """The GPT of ``bench zero`` and ``steps`` global batches of ``batch`` windows of Shakespeare (chapter 6.5)."""
-    corpus = text.load_corpus()
-    tok = text.CharTokenizer(corpus)
-    config = models.GPTConfig(vocab_size=tok.vocab_size, **(ZERO_QUICK_MODEL if quick else ZERO_MODEL))
-    x, y = text.get_batch(tok.encode(corpus), steps * batch, config.block_size, torch.Generator().manual_seed(seed))
-    return config, x, y
+    return gpt_on_text(ZERO_QUICK_MODEL if quick else ZERO_MODEL, steps * batch, seed)
 
 
 def zero_timed_steps(ctx: RankContext, configs: Sequence[tuple[str, int]], config: models.GPTConfig,
