@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanopar import comm
+from nanopar import comm, devices
 from nanopar.launch import run
 
 SIZES = [1, 2, 3, 5, 7, 1000, 1001, 4097]  # includes sizes below and not divisible by N
@@ -18,7 +18,7 @@ def ring_on_non_contiguous(ctx):
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ring_equals_all_reduce(world_size):
-    per_rank = run(ring_vs_all_reduce_many, world_size, SIZES, "float32", timeout=120)
+    per_rank = run(ring_vs_all_reduce_many, world_size, SIZES, "float32", timeout=120, backend="gloo")
     for rank_results in per_rank:
         for res in rank_results:
             torch.testing.assert_close(res["ring"], res["all_reduce"])
@@ -33,7 +33,7 @@ def test_ring_is_exact_on_integers(world_size):
     # Exact, so any element lost or added twice shows: sizes not divisible by N, 1 and 3 < 4
     # (empty chunks), and 2**18 + 3 elements (2 MiB) through every step of the schedule.
     sizes = [1, 3, 10, 101, 4097, 2**18 + 3]
-    per_rank = run(ring_vs_all_reduce_many, world_size, sizes, "int64", timeout=120)
+    per_rank = run(ring_vs_all_reduce_many, world_size, sizes, "int64", timeout=120, backend="gloo")
     for i in range(len(sizes)):
         total = sum(r[i]["input"] for r in per_rank)
         for rank_results in per_rank:
@@ -43,7 +43,7 @@ def test_ring_is_exact_on_integers(world_size):
 
 def test_ring_refuses_non_contiguous_tensors():
     with pytest.raises(Exception, match="contiguous"):
-        run(ring_on_non_contiguous, 2, timeout=60)
+        run(ring_on_non_contiguous, 2, timeout=60, backend="gloo")
 
 
 @pytest.mark.parametrize("numel, n", [(10, 3), (3, 4), (0, 2), (8, 4)])
@@ -55,7 +55,7 @@ def test_ring_chunks_cover_the_tensor(numel, n):
 
 
 def test_primer_values_by_hand():
-    seen = run(comm.collectives_primer, 4)
+    seen = run(comm.collectives_primer, 4, backend="gloo")
     mine = [[10.0 * (r + 1) + i for i in range(4)] for r in range(4)]
     sums = [sum(col) for col in zip(*mine)]  # [100, 104, 108, 112]
     for r, s in enumerate(seen):
@@ -79,3 +79,12 @@ def test_ring_schedule_sums_every_chunk_on_every_rank(n):
         if phase == "reduce-scatter" and step == n - 2:
             assert all(held[r][(r + 1) % n] == set(range(n)) for r in range(n))
     assert all(chunk == set(range(n)) for rank in held for chunk in rank)
+
+
+@pytest.mark.skipif(devices.gpu_count() < 2, reason="needs two GPUs: the chapter 2 workers under NCCL")
+def test_the_chapter_2_workers_run_on_nccl():
+    # On a multi-GPU machine the notebooks' "auto" picks NCCL, which has no CPU tensors.
+    seen = run(comm.collectives_primer, 2, backend="nccl", timeout=120)
+    assert [s["all_reduce"]["after"] for s in seen] == [[30.0, 32.0]] * 2
+    for res in run(ring_vs_all_reduce_many, 2, [5, 4097], "int64", backend="nccl", timeout=120)[0]:
+        assert torch.equal(res["ring"], res["all_reduce"])

@@ -79,7 +79,7 @@ def _groups_and_mesh(ctx, degrees, order):
 @pytest.mark.parametrize("order", [("pp", "dp", "tp"), ("tp", "pp", "dp")], ids="-".join)
 def test_process_groups_and_device_mesh_have_the_topologys_members(order):
     topo = Topology(2, 2, 2, order)
-    results = launch.run(_groups_and_mesh, 8, (2, 2, 2), order, timeout=120)
+    results = launch.run(_groups_and_mesh, 8, (2, 2, 2), order, backend="gloo", timeout=120)
     for rank, out in enumerate(results):
         for axis in AXES:
             members = list(topo.group_of(rank, axis))

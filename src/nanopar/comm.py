@@ -142,15 +142,16 @@ def collectives_primer(ctx: RankContext) -> dict[str, dict[str, list[float]]]:
     """Worker: run each collective on small tensors; return what this rank held before and after.
 
     Rank r starts with ``[r + 1] * world_size`` style tensors so that every result can be
-    checked by hand. Book: chapter 2, notebook ``collectives``.
+    checked by hand. The tensors live on the rank's device (a GPU under NCCL). Book:
+    chapter 2, notebook ``collectives``.
     """
-    r, n = ctx.rank, ctx.world_size
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
     seen: dict[str, dict[str, list[float]]] = {}
 
     def mine() -> torch.Tensor:  # rank r holds (r+1)·10 + i in slot i
-        return torch.arange(n, dtype=torch.float32) + 10.0 * (r + 1)
+        return torch.arange(n, dtype=torch.float32, device=dev) + 10.0 * (r + 1)
 
-    t = mine() if r == 0 else torch.zeros(n)
+    t = mine() if r == 0 else torch.zeros(n, device=dev)
     before = t.tolist()
     dist.broadcast(t, src=0)
     seen["broadcast"] = {"before": before, "after": t.tolist()}
@@ -160,19 +161,19 @@ def collectives_primer(ctx: RankContext) -> dict[str, dict[str, list[float]]]:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     seen["all_reduce"] = {"before": before, "after": t.tolist()}
 
-    t = torch.tensor([10.0 * (r + 1)])
-    gathered = torch.empty(n)
+    t = torch.tensor([10.0 * (r + 1)], device=dev)
+    gathered = torch.empty(n, device=dev)
     all_gather_single(gathered, t)
     seen["all_gather"] = {"before": t.tolist(), "after": gathered.tolist()}
 
     t = mine()
-    part = torch.empty(1)
+    part = torch.empty(1, device=dev)
     reduce_scatter_single(part, t)
     seen["reduce_scatter"] = {"before": t.tolist(), "after": part.tolist()}
 
     # send/recv: each rank passes its value to the right neighbour of a ring.
-    t = torch.tensor([10.0 * (r + 1)])
-    got = torch.empty(1)
+    t = torch.tensor([10.0 * (r + 1)], device=dev)
+    got = torch.empty(1, device=dev)
     _exchange(t, got, (r + 1) % n, (r - 1) % n, None)
     seen["send_recv"] = {"before": t.tolist(), "after": got.tolist()}
     return seen
@@ -187,10 +188,10 @@ def ring_vs_all_reduce(ctx: RankContext, numel: int, dtype: str = "float32", see
     kind = getattr(torch, dtype)
     scale = 1.0 if kind.is_floating_point else 1000.0  # integers: few zeros, so a lost element shows
     x = (scale * torch.randn(numel, generator=g)).to(kind)
-    ours, theirs = x.clone(), x.clone()
+    ours, theirs = (x.to(ctx.device, copy=True) for _ in range(2))  # copies, on a GPU under NCCL
     ring_all_reduce(ours)
     dist.all_reduce(theirs)
-    return {"ring": ours, "all_reduce": theirs, "input": x}
+    return {"ring": ours.cpu(), "all_reduce": theirs.cpu(), "input": x}
 
 
 def primer_table(seen: list[dict[str, dict[str, list[float]]]]) -> str:
