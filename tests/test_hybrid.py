@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from nanopar import hybrid, models, schedules
 from nanopar.grid import Grid, Topology
@@ -198,3 +199,39 @@ def test_a_rank_failing_alone_reaches_the_caller_without_a_hang():
         gloo(hybrid.train_hybrid, 4, Topology(2, 2, 1), _fails_on_rank_3, ["h1"], x, y,
              TrainConfig(steps=1, global_batch=8), kwargs={"loss_fn": models.gpt_loss}, timeout=60)
     assert info.value.rank == 3
+
+
+class _NudgedOnRank1(nn.Linear):
+    """A first layer whose copy on rank 1 moves in its second forward, as a rank-local bug would."""
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2 and dist.get_rank() == 1:
+            with torch.no_grad():
+                self.bias.add_(0.01)
+        return super().forward(x)
+
+
+def _drifting_mlp():
+    return nn.Sequential(_NudgedOnRank1(12, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("check_every", [0, 1])
+def test_replicas_that_drift_apart_stop_every_rank_of_the_grid(check_every):
+    # 2 replicas x 2 stages: ranks 0 and 1 hold stage 0; rank 1's copy moves in step 2.
+    x, y = torch.randn(24, 12, generator=torch.Generator().manual_seed(0)), torch.arange(24) % 5
+    cfg = TrainConfig(steps=3, global_batch=8, lr=0.1, check_every=check_every)
+    args = (hybrid.train_hybrid, 4, Topology(2, 2, 1), functools.partial(seeded, _drifting_mlp), [2], x, y, cfg)
+    if not check_every:  # off by default: training ends, and only merging the replicas notices
+        with pytest.raises(ValueError, match="rank 1's '0.bias' differs from another rank's copy"):
+            hybrid.merge_parameters([r["params"] for r in gloo(*args, timeout=60)])
+        return
+    with pytest.raises(RankError) as info:
+        gloo(*args, timeout=60)
+    said = str(info.value)
+    assert "after step 2, rank 1's replica differs from rank 0's (first: '0.bias', 1 of 2" in said
+    # Every rank stopped with the same message: none waits for a peer that has stopped.
+    assert {info.value.rank, *info.value.others} == {0, 1, 2, 3}
+    assert len(set(info.value.others.values())) == 1

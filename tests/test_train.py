@@ -41,7 +41,7 @@ def three_steps(tmp_path_factory):
 @pytest.fixture(scope="module")
 def five_steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("five_steps")
-    train_to(out, 5)
+    train_to(out, 5, "--check-every", "1")  # the replicas' check changes nothing it checks
     return out
 
 
@@ -105,7 +105,8 @@ def _error(argv, capsys):
     (["--model", "resnet50", "--tp", "2"], "use --tp 1 with --model resnet50"),
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--resume"], "there is no checkpoint under"),
-], ids=["world", "layers", "heads", "batch", "microbatches", "resnet-tp", "steps", "no-checkpoint"])
+    (["--check-every", "-1"], "--check-every must be 0 (never) or a positive number of steps, got -1"),
+], ids=["world", "layers", "heads", "batch", "microbatches", "resnet-tp", "steps", "no-checkpoint", "check-every"])
 def test_bad_settings_are_clear_errors_before_any_rank_starts(argv, message, tmp_path, capsys):
     assert message in _error([*argv, "--out", str(tmp_path)], capsys)
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import schedules as _schedules
-from .data_parallel import BucketedDataParallel
+from .data_parallel import BucketedDataParallel, check_same_parameters
 from .grid import Grid, Topology
 from .launch import RankContext
 from .model_split import Blocks, Boundary
@@ -89,6 +89,28 @@ def build_hybrid(build: Callable[..., nn.Module | Blocks], boundaries: Sequence[
 def unwrap(model: nn.Module) -> nn.Module:
     """The stage inside what :func:`build_hybrid` returned (its parameters keep the model's names)."""
     return model.module if isinstance(model, BucketedDataParallel) else model
+
+
+def check_replicas(model: nn.Module, grid: Grid, step: int) -> None:
+    """Raise on every rank of the grid if some stage's DP replicas drifted apart (chapter 4.1's check).
+
+    Each DP group compares its replicas' fingerprints (``check_same_parameters``); a flag
+    all-reduced over the world then stops every rank at once with the same message, so
+    that no stage waits for a peer that has stopped. ``TrainConfig.check_every`` and
+    ``--check-every`` call it.
+    """
+    stage, error = unwrap(model), None
+    if grid.size("dp") > 1:
+        try:
+            check_same_parameters(stage, grid.group("dp"), after_step=step)
+        except ValueError as e:
+            error = str(e)
+    flag = torch.tensor([float(error is not None)], device=next(stage.parameters()).device)
+    dist.all_reduce(flag)
+    if flag.item():  # rare: only now gather what the groups that noticed say
+        said: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(said, error)
+        raise ValueError(next(s for s in said if s))
 
 
 def check_batch(batch: int, topology: Topology, microbatches: int) -> None:
@@ -213,8 +235,10 @@ def train_hybrid(ctx: RankContext, topology: Topology, build: Callable[..., nn.M
     opt = make_optimizer(cfg, model.parameters())
     ops = _schedules.make(schedule, grid.size("pp"), microbatches)
     losses = []
-    for xb, yb in global_batches(x, y, cfg):
+    for step, (xb, yb) in enumerate(global_batches(x, y, cfg), start=1):
         losses.append(hybrid_step(model, opt, grid, ops, xb, yb, ctx.device, loss_fn))
+        if cfg.check_every and step % cfg.check_every == 0:
+            check_replicas(model, grid, step)
         ctx.tick()
     return {"coords": grid.coords, "losses": replica_mean(losses, grid), "params": full_parameters(model, grid)}
 

@@ -105,7 +105,8 @@ def train_worker(ctx: RankContext, args: argparse.Namespace) -> dict[str, Any]:
     """
     grid = Grid(topology_of(args, ctx.world_size))
     task, described = make_task(args)
-    cfg = TrainConfig(steps=args.steps, global_batch=args.batch, lr=args.lr, optimizer=args.optimizer, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, global_batch=args.batch, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+                      check_every=args.check_every)
     model = hybrid.build_hybrid(task.build, task.boundaries, grid, ctx.device, task.shard)
     opt = make_optimizer(cfg, model.parameters())
     data = torch.Generator().manual_seed(args.seed)
@@ -122,6 +123,8 @@ def train_worker(ctx: RankContext, args: argparse.Namespace) -> dict[str, Any]:
     for step in range(start + 1, args.steps + 1):
         x, y = task.sample(data)
         losses.append(hybrid.hybrid_step(model, opt, grid, ops, x, y, ctx.device, task.loss_fn))
+        if cfg.check_every and step % cfg.check_every == 0:
+            hybrid.check_replicas(model, grid, step)
         ctx.tick()
         last = step == args.steps
         if args.eval_every and (step % args.eval_every == 0 or last):
@@ -169,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the weights and of the data sampler (default: %(default)s)")
     add("--eval-every", type=int, default=10,
         help="steps between validation losses, 0 for never (default: %(default)s)")
+    add("--check-every", type=int, default=0,
+        help="debugging aid: every this many steps, check that the data-parallel replicas are still "
+             "identical, 0 for never (default: %(default)s)")
     add("--checkpoint-every", type=int, default=50,
         help="steps between checkpoints; one is also written at the end (default: %(default)s)")
     add("--out", required=True, help="folder of the run's checkpoints, shared by all machines (required)")
@@ -187,8 +193,10 @@ def _check(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.eval_every < 0:
-        raise ValueError(f"--eval-every must be 0 (never) or a positive number of steps, got {args.eval_every}")
+    for name in ("eval_every", "check_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 (never) or a positive number of steps, "
+                             f"got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
 
