@@ -91,13 +91,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, BucketedDataParallel) else model
 
 
-def check_replicas(model: nn.Module, grid: Grid, step: int) -> None:
+def check_replicas(model: nn.Module, grid: Grid, step: int, device: torch.device) -> None:
     """Raise on every rank of the grid if some stage's DP replicas drifted apart (chapter 4.1's check).
 
     Each DP group compares its replicas' fingerprints (``check_same_parameters``); a flag
     all-reduced over the world then stops every rank at once with the same message, so
-    that no stage waits for a peer that has stopped. ``TrainConfig.check_every`` and
-    ``--check-every`` call it.
+    that no stage waits for a peer that has stopped. ``device`` is the rank's (NCCL's flag
+    must be on its GPU). ``TrainConfig.check_every`` and ``--check-every`` call it.
     """
     stage, error = unwrap(model), None
     if grid.size("dp") > 1:
@@ -105,7 +105,7 @@ def check_replicas(model: nn.Module, grid: Grid, step: int) -> None:
             check_same_parameters(stage, grid.group("dp"), after_step=step)
         except ValueError as e:
             error = str(e)
-    flag = torch.tensor([float(error is not None)], device=next(stage.parameters()).device)
+    flag = torch.tensor([float(error is not None)], device=device)
     dist.all_reduce(flag)
     if flag.item():  # rare: only now gather what the groups that noticed say
         said: list[str | None] = [None] * dist.get_world_size()
@@ -238,7 +238,7 @@ def train_hybrid(ctx: RankContext, topology: Topology, build: Callable[..., nn.M
     for step, (xb, yb) in enumerate(global_batches(x, y, cfg), start=1):
         losses.append(hybrid_step(model, opt, grid, ops, xb, yb, ctx.device, loss_fn))
         if cfg.check_every and step % cfg.check_every == 0:
-            check_replicas(model, grid, step)
+            check_replicas(model, grid, step, ctx.device)
         ctx.tick()
     return {"coords": grid.coords, "losses": replica_mean(losses, grid), "params": full_parameters(model, grid)}
 

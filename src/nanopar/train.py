@@ -124,7 +124,7 @@ def train_worker(ctx: RankContext, args: argparse.Namespace) -> dict[str, Any]:
         x, y = task.sample(data)
         losses.append(hybrid.hybrid_step(model, opt, grid, ops, x, y, ctx.device, task.loss_fn))
         if cfg.check_every and step % cfg.check_every == 0:
-            hybrid.check_replicas(model, grid, step)
+            hybrid.check_replicas(model, grid, step, ctx.device)
         ctx.tick()
         last = step == args.steps
         if args.eval_every and (step % args.eval_every == 0 or last):
