@@ -237,7 +237,7 @@ def train_hybrid(ctx: RankContext, topology: Topology, build: Callable[..., nn.M
     losses = []
     for step, (xb, yb) in enumerate(global_batches(x, y, cfg), start=1):
         losses.append(hybrid_step(model, opt, grid, ops, xb, yb, ctx.device, loss_fn))
-        if cfg.check_every and step % cfg.check_every == 0:
+        if cfg.checks_replicas_after(step):
             check_replicas(model, grid, step, ctx.device)
         ctx.tick()
     return {"coords": grid.coords, "losses": replica_mean(losses, grid), "params": full_parameters(model, grid)}

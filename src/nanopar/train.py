@@ -123,7 +123,7 @@ def train_worker(ctx: RankContext, args: argparse.Namespace) -> dict[str, Any]:
     for step in range(start + 1, args.steps + 1):
         x, y = task.sample(data)
         losses.append(hybrid.hybrid_step(model, opt, grid, ops, x, y, ctx.device, task.loss_fn))
-        if cfg.check_every and step % cfg.check_every == 0:
+        if cfg.checks_replicas_after(step):
             hybrid.check_replicas(model, grid, step, ctx.device)
         ctx.tick()
         last = step == args.steps

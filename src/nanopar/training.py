@@ -70,6 +70,10 @@ class TrainConfig:
         if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 0:
             raise ValueError(f"check_every must be a whole number of steps (0: off), got {self.check_every!r}")
 
+    def checks_replicas_after(self, step: int) -> bool:
+        """Whether the loop compares the replicas after ``step`` (counted from 1)."""
+        return bool(self.check_every) and step % self.check_every == 0
+
 
 def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     """``build()`` under a fixed seed: the same weights in every process that calls it.
@@ -188,7 +192,7 @@ def train_data_parallel(ctx: RankContext, build: Callable[[], nn.Module], x: tor
         sync()
         losses.append(total)
         opt.step()
-        if cfg.check_every and step % cfg.check_every == 0:
+        if cfg.checks_replicas_after(step):
             check_same_parameters(model.module, group, after_step=step)
         ctx.tick()
     inner = model.module
